@@ -1,0 +1,267 @@
+"""Gene vocabularies, gene medians, symbol maps and orthologs.
+
+The unified Mix-Geneformer vocabulary is one flat list of tokens: ``<pad>`` = 0, ``<mask>`` = 1, the
+Geneformer V1 (gc30M) human Ensembl genes with their original ids 2..25,425, then mouse Ensembl genes in
+ascending id order. Keeping the V1 ids unchanged keeps Genecorpus-30M and Geneformer V1 checkpoints usable
+as they are. Everything here is read from plain-text TSV files bundled in ``mixgf/resources`` (built by
+``python -m mixgf.resources.build``); legacy Geneformer pickles are read only through
+:func:`load_pickle_dict`, which refuses anything but a plain ``dict`` of ``str`` to numbers or strings.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PAD, MASK = "<pad>", "<mask>"
+SPECIES = ("human", "mouse")
+ENSEMBL_PREFIX = {"human": "ENSG", "mouse": "ENSMUSG"}
+
+
+def check_species(species: str) -> str:
+    if species not in SPECIES:
+        raise ValueError(f"unknown species {species!r}; use one of {', '.join(SPECIES)}")
+    return species
+
+
+def species_of_ensembl(gene_id: str) -> str | None:
+    """'human' for ENSG..., 'mouse' for ENSMUSG..., None otherwise."""
+    if gene_id.startswith("ENSMUSG"):
+        return "mouse"
+    if gene_id.startswith("ENSG"):
+        return "human"
+    return None
+
+
+def content_hash(lines) -> str:
+    """Short sha256 of a sequence of text lines: identifies a vocabulary or a median table."""
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(str(line).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class GeneVocab:
+    """An ordered token list; token id = position. Immutable and hashable by content."""
+
+    tokens: tuple[str, ...]
+    name: str = "custom"
+    _index: dict = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.tokens[:2] != (PAD, MASK):
+            raise ValueError(f"vocabulary {self.name!r} must start with {PAD!r}, {MASK!r}; got {self.tokens[:2]}")
+        index = {t: i for i, t in enumerate(self.tokens)}
+        if len(index) != len(self.tokens):
+            dup = pd.Series(self.tokens)[pd.Series(self.tokens).duplicated()].iloc[0]
+            raise ValueError(f"vocabulary {self.name!r} lists token {dup!r} more than once")
+        object.__setattr__(self, "_index", index)
+
+    pad_id = 0
+    mask_id = 1
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __contains__(self, token: str) -> bool:
+        return token in self._index
+
+    def __getitem__(self, token: str) -> int:
+        return self._index[token]
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.tokens)
+
+    def ids(self, genes, missing: int = -1) -> np.ndarray:
+        """Token ids of ``genes`` (int64), ``missing`` where a gene is not in the vocabulary."""
+        return np.fromiter((self._index.get(g, missing) for g in genes), dtype=np.int64, count=len(genes))
+
+    def species_ids(self, species: str) -> np.ndarray:
+        """Token ids of one species' genes."""
+        prefix = ENSEMBL_PREFIX[check_species(species)]  # "ENSMUSG" does not start with "ENSG"
+        return np.array([i for i, t in enumerate(self.tokens) if t.startswith(prefix)], dtype=np.int64)
+
+    def identity(self) -> dict:
+        """What a token dataset or checkpoint records to prove which vocabulary made it."""
+        return {"name": self.name, "hash": self.hash, "size": len(self)}
+
+    @classmethod
+    def from_token_dict(cls, token_dict: dict, name: str = "custom") -> GeneVocab:
+        """From a Geneformer-style ``{gene: id}`` dict whose ids are 0..n-1 with <pad>=0, <mask>=1."""
+        ids = np.array([int(v) for v in token_dict.values()])
+        if sorted(ids.tolist()) != list(range(len(ids))):
+            raise ValueError(f"token dictionary {name!r} does not use the ids 0..{len(ids) - 1} exactly once")
+        tokens = [None] * len(ids)
+        for gene, i in zip(token_dict, ids):
+            tokens[i] = str(gene)
+        return cls(tuple(tokens), name=name)
+
+    def write(self, path: str | Path) -> None:
+        """Write as a TSV (token_id, token); gzip if the name ends in .gz."""
+        frame = pd.DataFrame({"token_id": np.arange(len(self)), "token": self.tokens})
+        frame.to_csv(path, sep="\t", index=False)
+
+    @classmethod
+    def read(cls, path: str | Path, name: str | None = None) -> GeneVocab:
+        frame = pd.read_csv(path, sep="\t", dtype={"token": str})
+        if list(frame.columns[:2]) != ["token_id", "token"] or not (frame.token_id.to_numpy() == np.arange(len(frame))).all():
+            raise ValueError(f"{path}: expected a TSV with columns token_id, token and ids 0..n-1 in order")
+        return cls(tuple(frame.token), name=name or Path(path).name.split(".")[0])
+
+
+def unified_vocab(human: GeneVocab, mouse_genes) -> GeneVocab:
+    """Human vocabulary with its ids kept, then the mouse genes (sorted, deduplicated) appended."""
+    mouse = sorted({g for g in mouse_genes if g not in (PAD, MASK)})
+    bad = [g for g in mouse if not g.startswith("ENSMUSG")][:3]
+    if bad:
+        raise ValueError(f"mouse gene list holds non-ENSMUSG ids such as {bad}")
+    return GeneVocab(human.tokens + tuple(mouse), name=f"{human.name}+mouse{len(mouse)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bundled resources
+# ---------------------------------------------------------------------------------------------------------------
+
+def _resource(name: str):
+    return resources.files("mixgf.resources") / name
+
+
+def _read_resource_tsv(name: str, **kwargs) -> pd.DataFrame:
+    with _resource(name).open("rb") as fh:
+        return pd.read_csv(io.BytesIO(gzip.decompress(fh.read())), sep="\t", **kwargs)
+
+
+@cache
+def default_vocab() -> GeneVocab:
+    """The bundled unified vocabulary (Geneformer V1 human ids + BioMart mouse genes)."""
+    frame = _read_resource_tsv("vocab_mixgf.tsv.gz", dtype={"token": str})
+    return GeneVocab(tuple(frame.token), name="mixgf-gc30M-biomart")
+
+
+@cache
+def geneformer_v1_vocab() -> GeneVocab:
+    """Geneformer V1 (gc30M) human vocabulary: the first 25,426 tokens of the unified vocabulary."""
+    tokens = default_vocab().tokens
+    n = sum(1 for t in tokens if not t.startswith("ENSMUSG"))
+    return GeneVocab(tokens[:n], name="geneformer-gc30M")
+
+
+def load_vocab(path: str | Path | None = None) -> GeneVocab:
+    """The bundled vocabulary, or one written with :meth:`GeneVocab.write` (e.g. with Mouse-Geneformer's genes)."""
+    return default_vocab() if path is None else GeneVocab.read(path)
+
+
+@dataclass(frozen=True)
+class Medians:
+    """Per-gene non-zero median of count / n_counts * 10,000, the divisor of rank-value encoding."""
+
+    values: pd.Series  # index: Ensembl id, float64
+    name: str = "custom"
+
+    @property
+    def hash(self) -> str:
+        return content_hash(f"{g}\t{v!r}" for g, v in self.values.items())
+
+    def identity(self) -> dict:
+        return {"name": self.name, "hash": self.hash, "size": int(self.values.size)}
+
+    def write(self, path: str | Path) -> None:
+        # repr keeps every float64 bit, so medians round-trip exactly
+        lines = ["ensembl_id\tmedian"] + [f"{g}\t{float(v)!r}" for g, v in self.values.items()]
+        data = ("\n".join(lines) + "\n").encode()
+        Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
+
+    @classmethod
+    def read(cls, path: str | Path, name: str | None = None) -> Medians:
+        frame = pd.read_csv(path, sep="\t", dtype={"ensembl_id": str, "median": np.float64}, float_precision="round_trip")
+        if list(frame.columns) != ["ensembl_id", "median"]:
+            raise ValueError(f"{path}: expected a TSV with columns ensembl_id, median; got {list(frame.columns)}")
+        bad = frame[~(frame["median"] > 0)]
+        if len(bad):
+            raise ValueError(f"{path}: medians must be positive; {bad.ensembl_id.iloc[0]} has {bad['median'].iloc[0]}")
+        return cls(pd.Series(frame["median"].to_numpy(), index=frame.ensembl_id.to_numpy()), name or Path(path).name.split(".")[0])
+
+
+@cache
+def default_medians(species: str) -> Medians:
+    """Bundled medians: Geneformer V1's for human. Mouse has none bundled (compute them with `mixgf medians`)."""
+    if check_species(species) == "mouse":
+        raise FileNotFoundError(
+            "no mouse gene medians are bundled (Mouse-Geneformer's are not public here); compute them with "
+            "`mixgf medians FILES --species mouse --out medians.tsv` or import Mouse-Geneformer's pickle with "
+            "`mixgf import-dict mouse_gene_median_dictionary.pkl --kind medians --out medians.tsv`"
+        )
+    frame = _read_resource_tsv("medians_human_gc30M.tsv.gz", dtype={"ensembl_id": str}, float_precision="round_trip")
+    return Medians(pd.Series(frame["median"].to_numpy(), index=frame.ensembl_id.to_numpy()), "geneformer-gc30M")
+
+
+def load_medians(species: str, path: str | Path | None = None) -> Medians:
+    return default_medians(species) if path is None else Medians.read(path)
+
+
+@cache
+def symbol_map(species: str) -> dict[str, str]:
+    """Gene symbol -> Ensembl id (human: Geneformer's gc30M map; mouse: Ensembl BioMart, unambiguous symbols)."""
+    frame = _read_resource_tsv(f"symbols_{check_species(species)}.tsv.gz", dtype=str)
+    return dict(zip(frame.symbol, frame.ensembl_id))
+
+
+@cache
+def orthologs() -> pd.DataFrame:
+    """Ensembl BioMart one-to-one human/mouse orthologs: human_id, human_symbol, mouse_id, mouse_symbol."""
+    return _read_resource_tsv("orthologs_one2one.tsv.gz", dtype=str)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# legacy Geneformer pickles
+# ---------------------------------------------------------------------------------------------------------------
+
+class _DictOnlyUnpickler(pickle.Unpickler):
+    """Builds only plain containers and numpy scalars; any other global is refused before it can run."""
+
+    _allowed = {
+        ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain dicts of str -> number/str are allowed")
+
+
+def load_pickle_dict(path: str | Path) -> dict:
+    """Read a Geneformer / Mouse-Geneformer dictionary pickle safely.
+
+    Admits only a ``dict`` whose keys are ``str`` and whose values are ``int``, ``float``, ``str`` or numpy
+    scalars (returned as Python ``int`` / ``float`` / ``str``). Anything else raises ``ValueError`` naming the file.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            obj = _DictOnlyUnpickler(fh).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as err:
+        raise ValueError(f"{path}: not a plain dictionary pickle ({err}); only Geneformer-style dicts can be imported") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, expected a dict of gene -> value")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{path}: key {key!r} is a {type(key).__name__}, expected str")
+        if isinstance(value, (np.integer, np.floating)):
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"{path}: value of {key!r} is a {type(value).__name__}, expected int, float or str")
+        out[key] = value
+    return out
