@@ -56,7 +56,7 @@ class GeneVocab:
     """An ordered token list; token id = position. Immutable and hashable by content."""
 
     tokens: tuple[str, ...]
-    name: str = "custom"
+    name: str = field(default="custom", compare=False)
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -140,7 +140,8 @@ def _resource(name: str):
 
 def _read_resource_tsv(name: str, **kwargs) -> pd.DataFrame:
     with _resource(name).open("rb") as fh:
-        return pd.read_csv(io.BytesIO(gzip.decompress(fh.read())), sep="\t", **kwargs)
+        # gene symbols such as "NA" or "NULL" are names, not missing values
+        return pd.read_csv(io.BytesIO(gzip.decompress(fh.read())), sep="\t", keep_default_na=False, **kwargs)
 
 
 @cache

@@ -1,0 +1,3 @@
+from mixgf.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The ``mixgf`` command line: thin argument parsing around the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mixgf.readers import InputError
+
+
+def _tokenize(args) -> None:
+    from mixgf.tokenize import tokenize_files
+    from mixgf.vocab import load_medians, load_vocab
+
+    result = tokenize_files(
+        args.inputs, args.out, species=args.species, vocab=load_vocab(args.vocab),
+        medians=load_medians(args.species, args.medians), max_len=args.max_len,
+        obs_keys=[k for k in args.obs_keys.split(",") if k], counts=args.counts, gene_column=args.gene_column,
+        normalized=args.normalized, sum_duplicates=args.sum_duplicates, min_mapped=args.min_mapped,
+        chunk_size=args.chunk_size, workers=args.workers)
+    for summary in result.files:
+        print(summary.line(), file=sys.stderr)
+    print(f"{result.n_cells:,} cells -> {result.out_dir}", file=sys.stderr)
+
+
+def _import_dict(args) -> None:
+    """Geneformer / Mouse-Geneformer pickles -> the plain-text formats this package reads."""
+    import pandas as pd
+
+    from mixgf.vocab import GeneVocab, Medians, load_pickle_dict
+
+    d = load_pickle_dict(args.pickle)
+    if args.kind == "tokens":
+        GeneVocab.from_token_dict(d, name=Path(args.pickle).stem).write(args.out)
+    elif args.kind == "medians":
+        Medians(pd.Series(d, dtype="float64")).write(args.out)
+    else:
+        pd.DataFrame({"symbol": list(d), "ensembl_id": list(d.values())}).to_csv(args.out, sep="\t", index=False)
+    print(f"{len(d):,} entries -> {args.out}", file=sys.stderr)
+
+
+def _vocab(args) -> None:
+    """Unified vocabulary from the Geneformer V1 ids and another mouse gene list (e.g. Mouse-Geneformer's)."""
+    from mixgf.vocab import GeneVocab, geneformer_v1_vocab, load_pickle_dict, unified_vocab
+
+    path = Path(args.mouse)
+    genes = load_pickle_dict(path) if path.suffix == ".pkl" else GeneVocab.read(path).tokens
+    vocab = unified_vocab(geneformer_v1_vocab(), genes)
+    vocab.write(args.out)
+    print(f"{len(vocab):,} tokens (hash {vocab.hash}) -> {args.out}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixgf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tokenize", help="rank-value encode raw-count files into a token dataset")
+    p.add_argument("inputs", nargs="+", help=".h5ad, .loom, 10x matrix folders or 10x .h5 files")
+    p.add_argument("--species", required=True, help="human or mouse")
+    p.add_argument("--out", required=True, type=Path, help="output dataset directory (replaced atomically)")
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--medians", help="gene median TSV (default: Geneformer V1's for human)")
+    p.add_argument("--vocab", help="vocabulary TSV (default: the bundled unified vocabulary)")
+    p.add_argument("--obs-keys", default="", help="comma-separated obs columns to carry over")
+    p.add_argument("--counts", default="X", help="count matrix: X, raw, or a layer name")
+    p.add_argument("--gene-column", help="var column holding gene ids (Ensembl or symbols); 'index' for the index")
+    p.add_argument("--normalized", action="store_true", help="accept non-integer values (not raw counts)")
+    p.add_argument("--sum-duplicates", action="store_true", help="sum columns that map to the same Ensembl id")
+    p.add_argument("--min-mapped", type=float, default=0.25, help="fail if fewer genes map to the vocabulary")
+    p.add_argument("--chunk-size", type=int, default=2048, help="cells per chunk")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (chunks and files in parallel)")
+    p.set_defaults(func=_tokenize)
+
+    p = sub.add_parser("import-dict", help="convert a Geneformer-style pickle to TSV (safely)")
+    p.add_argument("pickle")
+    p.add_argument("--kind", required=True, choices=["tokens", "medians", "symbols"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_import_dict)
+
+    p = sub.add_parser("vocab", help="build a unified vocabulary with another mouse gene list")
+    p.add_argument("mouse", help="Mouse-Geneformer token dictionary (.pkl) or a vocabulary TSV")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_vocab)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args.func(args)
+    except (InputError, FileNotFoundError, ValueError) as err:
+        print(f"mixgf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,397 @@
+"""Rank-value encoding of single cells (Geneformer V1), streamed from files into a token dataset.
+
+Per cell, from raw counts: keep genes that are in the vocabulary and have a median; value =
+count / n_counts * 10,000 / median (float64, in that order); drop zeros; sort by value, descending; keep the
+first ``max_len`` genes. The token ids are those of Geneformer V1's ``TranscriptomeTokenizer`` for the same
+cells, medians and vocabulary.
+
+Tie rule: genes with exactly equal values (same count and same median, e.g. the 11 pairs of gc30M genes that
+share a median) are ordered by their column position in the input, i.e. what a stable sort gives. Geneformer's
+``np.argsort`` is not stable, so on such ties its order depends on numpy's sort implementation and CPU; our
+order is the same everywhere.
+
+Speed: a cell's sort key packs the value (its float64 bits, order-preserving for positive numbers) above the
+gene's position within the cell into one int64, so each cell is one in-place integer sort and the gene comes
+back from the key's low bits. When the value range of a chunk needs more bits than the key has, the lowest value
+bits are dropped; adjacent genes whose truncated values collide are then re-ordered exactly (rare).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from mixgf.io import atomic_dir, write_json_atomic
+from mixgf.readers import CellFile, InputError, open_cells, resolve_gene_ids, suggest_gene_columns
+from mixgf.vocab import GeneVocab, Medians, check_species, default_vocab, load_medians
+
+TARGET_SUM = 10_000
+METADATA_FILE = "mixgf_tokens.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the encoding
+# ---------------------------------------------------------------------------------------------------------------
+
+def rank_encode(counts: sp.csr_matrix, n_counts: np.ndarray, gene_tokens: np.ndarray, gene_medians: np.ndarray,
+                max_len: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-value encode the rows of ``counts``.
+
+    ``gene_tokens[j]`` is the token id of column ``j`` (-1: not tokenized), ``gene_medians[j]`` its median.
+    Returns ``(offsets, tokens)``: the tokens of row ``i`` are ``tokens[offsets[i]:offsets[i + 1]]`` (int32),
+    at most ``max_len`` per row. Rows may come back empty.
+    """
+    counts = counts if counts.has_sorted_indices else counts.sorted_indices()
+    n_rows = counts.shape[0]
+    rows = np.repeat(np.arange(n_rows), np.diff(counts.indptr))
+    cols, data = counts.indices, counts.data
+    keep = (gene_tokens[cols] >= 0) & (data != 0)
+    rows, cols, data = rows[keep], cols[keep], data[keep]
+
+    values = data / n_counts[rows] * TARGET_SUM / gene_medians[cols]
+    ptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=ptr[1:])
+    position = np.arange(len(rows)) - ptr[rows]  # position of the gene within its cell, in column order
+
+    keys, low_bits = _sort_keys(values, position)
+    for a, b in zip(ptr[:-1].tolist(), ptr[1:].tolist()):
+        keys[a:b].sort()
+    element = ptr[rows] + (keys & ((1 << low_bits) - 1))  # rows are unchanged by a within-row sort
+    _fix_collisions(keys, element, values, rows, low_bits)
+
+    lengths = np.minimum(np.diff(ptr), max_len)
+    offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    rank = np.arange(len(rows)) - ptr[rows]
+    top = element[rank < max_len]
+    return offsets, gene_tokens[cols[top]].astype(np.int32)
+
+
+def _sort_keys(values: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, int]:
+    """int64 keys sorting by value descending, then position ascending; and the number of position bits."""
+    low_bits = max(int(position.max(initial=0)).bit_length(), 1)
+    bits = values.view(np.int64)  # positive finite floats: bit patterns sort like the values
+    if len(bits) == 0:
+        return bits.copy(), low_bits
+    top = int(bits.max())
+    spread = top - int(bits.min())
+    shift = max(0, spread.bit_length() - (63 - low_bits))
+    code = (top - bits) >> shift
+    return (code << low_bits) | position, low_bits
+
+
+def _fix_collisions(keys, element, values, rows, low_bits) -> None:
+    """Re-order, exactly, neighbours whose truncated value codes collided but whose values differ."""
+    code = keys >> low_bits
+    same = (code[1:] == code[:-1]) & (rows[1:] == rows[:-1])
+    clash = np.flatnonzero(same & (values[element[1:]] != values[element[:-1]]))
+    for i in clash:
+        start, stop = i, i + 2
+        while start > 0 and same[start - 1]:
+            start -= 1
+        while stop < len(keys) and same[stop - 1]:
+            stop += 1
+        run = element[start:stop]
+        order = np.lexsort((run, -values[run]))  # value descending, then input position
+        element[start:stop] = run[order]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files -> token dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FileSummary:
+    """What happened to one input: share of genes and counts that reached the vocabulary, cells kept/dropped."""
+
+    path: str
+    gene_id_source: str
+    genes: int
+    genes_tokenized: int
+    cells: int
+    cells_kept: int = 0
+    dropped_filter_pass: int = 0
+    dropped_zero_counts: int = 0
+    dropped_no_vocab_genes: int = 0
+    counts_total: float = 0.0
+    counts_tokenized: float = 0.0
+
+    @property
+    def share_genes(self) -> float:
+        return self.genes_tokenized / self.genes if self.genes else 0.0
+
+    @property
+    def share_counts(self) -> float:
+        return self.counts_tokenized / self.counts_total if self.counts_total else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"share_genes": round(self.share_genes, 4), "share_counts": round(self.share_counts, 4)}
+
+    def line(self) -> str:
+        return (f"{self.path}: {self.cells_kept:,}/{self.cells:,} cells kept "
+                f"(dropped: {self.dropped_filter_pass:,} filter_pass, {self.dropped_zero_counts:,} zero counts, "
+                f"{self.dropped_no_vocab_genes:,} no vocabulary gene); genes {self.genes_tokenized:,}/{self.genes:,} "
+                f"({self.share_genes:.1%}) and counts {self.share_counts:.1%} mapped via {self.gene_id_source}")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs to tokenize chunks of one file (picklable)."""
+
+    path: str
+    counts: str
+    gene_tokens: np.ndarray
+    gene_medians: np.ndarray
+    merge: sp.csr_matrix | None  # columns -> unique genes, when duplicates are summed
+    use_obs_n_counts: bool
+    normalized: bool
+    max_len: int
+
+
+@dataclass
+class TokenizeResult:
+    out_dir: Path
+    files: list[FileSummary] = field(default_factory=list)
+
+    @property
+    def n_cells(self) -> int:
+        return sum(f.cells_kept for f in self.files)
+
+
+def tokenize_files(inputs, out_dir, *, species: str, vocab: GeneVocab | None = None, medians: Medians | None = None,
+                   max_len: int = 2048, obs_keys=(), counts: str = "X", gene_column: str | None = None,
+                   normalized: bool = False, sum_duplicates: bool = False, min_mapped: float = 0.25,
+                   chunk_size: int = 2048, workers: int = 1, progress: bool = True) -> TokenizeResult:
+    """Tokenize raw-count files of one species into a Hugging Face dataset saved at ``out_dir``.
+
+    Columns: ``input_ids`` (list of int32), ``length``, ``species``, ``cell_id`` and the ``obs_keys`` columns,
+    rows in input order minus the cells dropped (``filter_pass`` != 1, zero counts, no vocabulary gene).
+    ``out_dir/mixgf_tokens.json`` records the vocabulary, medians, max length and a per-file summary.
+    Every input is checked before any output is written; the dataset appears whole or not at all.
+    """
+    check_species(species)
+    vocab = vocab or default_vocab()
+    medians = medians or load_medians(species)
+    inputs = [str(p) for p in inputs]
+    if not inputs:
+        raise InputError("no input files given")
+    plans, summaries, metadata = [], [], []
+    for path in inputs:
+        plan, summary, obs = _plan_file(path, species, vocab, medians, max_len=max_len, obs_keys=tuple(obs_keys),
+                                        counts=counts, gene_column=gene_column, normalized=normalized,
+                                        sum_duplicates=sum_duplicates, min_mapped=min_mapped)
+        plans.append(plan), summaries.append(summary), metadata.append(obs)
+
+    tasks = [(i, start, min(start + chunk_size, s.cells)) for i, s in enumerate(summaries)
+             for start in range(0, s.cells, chunk_size)]
+    with atomic_dir(out_dir) as tmp:
+        part = tmp / "tokens.arrow"
+        with _chunk_results(plans, tasks, workers) as results, \
+                tqdm(total=sum(s.cells for s in summaries), unit="cell", disable=not progress or None) as bar:
+            writer = None
+            for (i, start, stop), (kept, offsets, tokens, stats) in zip(tasks, results):
+                s = summaries[i]
+                for key, value in stats.items():
+                    setattr(s, key, getattr(s, key) + value)
+                batch = _record_batch(kept, offsets, tokens, metadata[i].iloc[start:stop], species)
+                writer = writer or pa.ipc.new_stream(str(part), batch.schema)
+                writer.write_batch(batch)
+                bar.update(stop - start)
+            if writer is None:
+                raise InputError(f"{', '.join(inputs)}: no cells to tokenize")
+            writer.close()
+        _save_dataset(part, tmp)
+        write_json_atomic(tmp / METADATA_FILE, {
+            "format": 1, "species": species, "vocab": vocab.identity(), "medians": medians.identity(),
+            "max_len": max_len, "normalized": normalized, "n_cells": sum(s.cells_kept for s in summaries),
+            "files": [s.to_dict() for s in summaries],
+        })
+    return TokenizeResult(Path(out_dir), summaries)
+
+
+def _plan_file(path, species, vocab, medians, *, max_len, obs_keys, counts, gene_column, normalized,
+               sum_duplicates, min_mapped):
+    cells = open_cells(path, counts=counts)
+    try:
+        if cells.n_obs == 0 or cells.var.shape[0] == 0:
+            raise InputError(f"{path}: is empty ({cells.n_obs} cells x {cells.var.shape[0]} genes)")
+        missing = [k for k in obs_keys if k not in cells.obs.columns]
+        if missing:
+            raise InputError(f"{path}: obs has no column(s) {', '.join(missing)}; columns are: "
+                             f"{', '.join(cells.obs.columns) or 'none'}")
+        ids = resolve_gene_ids(cells.var, species, gene_column=gene_column, name=path)
+        genes = np.where(pd.isna(ids.ensembl), None, ids.ensembl)
+        tokens, medians_of = _gene_lookup(genes, vocab, medians)
+        tokenized = tokens >= 0
+        if tokenized.mean() < min_mapped:
+            hint = suggest_gene_columns(cells.var, species)
+            raise InputError(
+                f"{path}: only {tokenized.sum():,} of {len(tokens):,} genes ({tokenized.mean():.1%}) in {ids.source} "
+                f"map to the {species} vocabulary (needs {min_mapped:.0%}); "
+                + (f"try --gene-column {hint[0]}" if hint else
+                   "give Ensembl ids in var['ensembl_id'] or name the column holding them with --gene-column"))
+        merge = None
+        dup = pd.Series(genes[tokenized]).duplicated(keep=False)
+        if dup.any():
+            if not sum_duplicates:
+                examples = ", ".join(sorted(set(pd.Series(genes[tokenized])[dup]))[:3])
+                raise InputError(f"{path}: {int(dup.sum())} columns share an Ensembl id (e.g. {examples}); "
+                                 "sum them into one column first, or pass --sum-duplicates")
+            merge, tokens, medians_of = _duplicate_merge(genes, tokens, medians_of)
+        _check_first_chunk(cells, path, normalized)
+        obs = pd.DataFrame({"cell_id": cells.obs.index.astype(str)}, index=None)
+        for k in obs_keys:
+            column = cells.obs[k]
+            obs[k] = column.astype(str).to_numpy() if isinstance(column.dtype, pd.CategoricalDtype) else column.to_numpy()
+        for k in ("filter_pass", "n_counts"):
+            if k in cells.obs.columns:
+                obs[f"__{k}"] = cells.obs[k].to_numpy()
+    finally:
+        cells.close()
+    plan = _Plan(str(path), counts, tokens, medians_of, merge, "__n_counts" in obs, normalized, max_len)
+    summary = FileSummary(str(path), ids.source, len(genes), int((tokens >= 0).sum()), cells.n_obs)
+    return plan, summary, obs
+
+
+def _gene_lookup(genes: np.ndarray, vocab: GeneVocab, medians: Medians) -> tuple[np.ndarray, np.ndarray]:
+    """Token id (-1 if none) and median (NaN if none) of each gene; a gene needs both to be tokenized."""
+    tokens = vocab.ids([g if g is not None else "" for g in genes])
+    medians_of = medians.values.reindex([g if g is not None else "" for g in genes]).to_numpy(dtype=np.float64)
+    tokens[np.isnan(medians_of)] = -1
+    return tokens, medians_of
+
+
+def _duplicate_merge(genes, tokens, medians_of):
+    """A 0/1 matrix summing columns that share an Ensembl id, and the token / median of each merged column."""
+    tokenized = np.flatnonzero(tokens >= 0)
+    unique, first, code = np.unique(genes[tokenized].astype(str), return_index=True, return_inverse=True)
+    merge = sp.csr_matrix((np.ones(len(tokenized)), (tokenized, code)), shape=(len(genes), len(unique)))
+    return merge, tokens[tokenized[first]], medians_of[tokenized[first]]
+
+
+def _check_first_chunk(cells: CellFile, path, normalized) -> None:
+    """Fail fast on the first rows; the same check runs on every chunk while tokenizing."""
+    _check_values(cells.chunk(0, min(cells.n_obs, 256)).data, path, normalized)
+
+
+def _check_values(data: np.ndarray, path, normalized: bool) -> None:
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: counts hold NaN or infinite values; fix or drop those cells before tokenizing")
+    if (data < 0).any():
+        raise InputError(f"{path}: counts hold negative values (e.g. {data[data < 0][0]}); give raw counts "
+                         "(--counts raw or --counts LAYER if the file has them)")
+    if not normalized and not np.array_equal(data, np.rint(data)):
+        example = data[data != np.rint(data)][0]
+        raise InputError(f"{path}: counts are not integers (e.g. {example:g}), so they look normalised; give raw "
+                         "counts (--counts raw or --counts LAYER), or pass --normalized to accept them as they are")
+
+
+# chunk workers -------------------------------------------------------------------------------------------------
+
+_worker_plans: list[_Plan] = []
+_worker_files: dict[int, CellFile] = {}
+
+
+def _init_worker(plans) -> None:
+    global _worker_plans
+    _worker_plans = plans
+    _worker_files.clear()
+
+
+def _encode_chunk(task) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Tokenize rows start:stop of one file; returns kept row indices, offsets, tokens and summary counts."""
+    i, start, stop = task
+    plan = _worker_plans[i]
+    if i not in _worker_files:
+        _worker_files[i] = open_cells(plan.path, counts=plan.counts)
+    cells = _worker_files[i]
+    x = cells.chunk(start, stop)
+    _check_values(x.data, plan.path, plan.normalized)
+    x = x.astype(np.float64, copy=False)
+    n_counts = (cells.obs["n_counts"].to_numpy(dtype=np.float64)[start:stop] if plan.use_obs_n_counts
+                else np.asarray(x.sum(axis=1)).ravel())
+    passes = (cells.obs["filter_pass"].to_numpy()[start:stop] == 1) if "filter_pass" in cells.obs else np.ones(stop - start, bool)
+    if plan.merge is not None:
+        x = (x @ plan.merge).tocsr()
+    positive = n_counts > 0
+    usable = passes & positive
+    x = x[usable]
+    offsets, tokens = rank_encode(x, n_counts[usable], plan.gene_tokens, plan.gene_medians, plan.max_len)
+    nonempty = np.diff(offsets) > 0
+    kept = np.flatnonzero(usable)[nonempty]
+    lengths = np.diff(offsets)[nonempty]
+    new_offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    tokenized_counts = float(x.data[plan.gene_tokens[x.indices] >= 0].sum())
+    stats = {"cells_kept": len(kept), "dropped_filter_pass": int((~passes).sum()),
+             "dropped_zero_counts": int((passes & ~positive).sum()), "dropped_no_vocab_genes": int((~nonempty).sum()),
+             "counts_total": float(n_counts[usable].sum()), "counts_tokenized": tokenized_counts}
+    return kept, new_offsets, tokens, stats
+
+
+class _chunk_results:
+    """Context manager yielding chunk results in task order, in this process or in a worker pool."""
+
+    def __init__(self, plans, tasks, workers):
+        self.plans, self.tasks, self.workers, self.pool = plans, tasks, max(1, workers), None
+
+    def __enter__(self):
+        if self.workers == 1 or len(self.tasks) == 1:
+            _init_worker(self.plans)
+            return map(_encode_chunk, self.tasks)
+        self.pool = mp.get_context("spawn").Pool(self.workers, initializer=_init_worker, initargs=(self.plans,))
+        return self.pool.imap(_encode_chunk, self.tasks, chunksize=1)
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()
+        for f in _worker_files.values():
+            f.close()
+        _worker_files.clear()
+        return False
+
+
+def _record_batch(kept, offsets, tokens, obs: pd.DataFrame, species: str) -> pa.RecordBatch:
+    obs = obs.iloc[kept]
+    columns = {
+        "input_ids": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(tokens)),
+        "length": pa.array(np.diff(offsets).astype(np.int32)),
+        "species": pa.array([species] * len(kept), pa.string()),
+    }
+    for name in obs.columns:
+        if not name.startswith("__"):
+            columns[name] = pa.array(obs[name].to_numpy())
+    return pa.RecordBatch.from_pydict(columns)
+
+
+def _save_dataset(arrow_stream: Path, out: Path) -> None:
+    """Turn the streamed Arrow file into a ``save_to_disk`` dataset in ``out`` (memory-mapped, no full load)."""
+    from datasets import Dataset
+
+    ds = Dataset.from_file(str(arrow_stream))
+    ds.save_to_disk(str(out / "dataset"))
+    del ds
+    arrow_stream.unlink()
+    for f in (out / "dataset").iterdir():
+        f.rename(out / f.name)
+    (out / "dataset").rmdir()
+
+
+def load_tokens(path):
+    """A token dataset written by :func:`tokenize_files` and its metadata (vocabulary, medians, max length)."""
+    from datasets import load_from_disk
+
+    from mixgf.io import read_json
+
+    path = Path(path)
+    meta_path = path / METADATA_FILE
+    if not meta_path.exists():
+        raise InputError(f"{path}: not a mixgf token dataset (no {METADATA_FILE}); make it with `mixgf tokenize`")
+    return load_from_disk(str(path)), read_json(meta_path)

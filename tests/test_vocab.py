@@ -1,0 +1,88 @@
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mixgf import vocab as V
+
+
+def test_unified_vocab_keeps_geneformer_ids_then_sorted_mouse(shared_data):
+    gf = V.load_pickle_dict(shared_data / "geneformer" / "token_dictionary_gc30M.pkl")
+    vocab = V.default_vocab()
+    assert vocab.tokens[:2] == ("<pad>", "<mask>")
+    assert len(gf) == 25_426 and all(vocab[g] == i for g, i in gf.items())
+    mouse = vocab.tokens[25_426:]
+    assert len(mouse) == 57_180 and list(mouse) == sorted(mouse) and all(g.startswith("ENSMUSG") for g in mouse)
+    assert len(vocab) == 82_606
+    assert len(V.geneformer_v1_vocab()) == 25_426
+    assert (V.default_vocab().species_ids("mouse") >= 25_426).all() and len(vocab.species_ids("human")) == 25_424
+
+
+def test_bundled_medians_equal_geneformer_pickle_bit_for_bit(shared_data):
+    gf = V.load_pickle_dict(shared_data / "geneformer" / "gene_median_dictionary_gc30M.pkl")
+    med = V.default_medians("human").values
+    assert len(med) == len(gf) == 25_424
+    assert all(med[g] == v for g, v in gf.items())
+
+
+def test_symbol_maps_and_orthologs():
+    assert V.symbol_map("human")["ACTB"] == "ENSG00000075624"
+    assert V.symbol_map("mouse")["Actb"] == "ENSMUSG00000029580"
+    orth = V.orthologs()
+    assert len(orth) == 17_122 and orth.human_id.is_unique and orth.mouse_id.is_unique
+    assert orth.set_index("human_symbol").loc["ACTB", "mouse_id"] == "ENSMUSG00000029580"
+
+
+def test_vocab_and_medians_round_trip(tmp_path):
+    vocab = V.GeneVocab(("<pad>", "<mask>", "ENSG1", "ENSMUSG1"), name="tiny")
+    vocab.write(tmp_path / "v.tsv")
+    assert V.GeneVocab.read(tmp_path / "v.tsv") == vocab and V.GeneVocab.read(tmp_path / "v.tsv").hash == vocab.hash
+    med = V.Medians(pd.Series([0.1 + 0.2, 1 / 3], index=["ENSG1", "ENSG2"]))
+    med.write(tmp_path / "m.tsv.gz")
+    back = V.Medians.read(tmp_path / "m.tsv.gz")
+    assert (back.values.to_numpy() == med.values.to_numpy()).all() and back.hash == med.hash
+
+
+def test_unified_vocab_imports_a_mouse_geneformer_dictionary(tmp_path):
+    mouse_dict = {"<pad>": 0, "<mask>": 1, "ENSMUSG00000000003": 2, "ENSMUSG00000000001": 3}
+    path = tmp_path / "MLM-re_token_dictionary_v1.pkl"
+    path.write_bytes(pickle.dumps({k: np.int16(v) for k, v in mouse_dict.items()}))
+    unified = V.unified_vocab(V.geneformer_v1_vocab(), V.load_pickle_dict(path))
+    assert len(unified) == 25_428 and unified.tokens[-2:] == ("ENSMUSG00000000001", "ENSMUSG00000000003")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"ENSG1": _Evil()}, "refusing to load builtins.print"),
+    ([1, 2], "holds a list"),
+    ({1: 2}, "key 1 is a int"),
+    ({"ENSG1": [1.0]}, "value of 'ENSG1' is a list"),
+    ({"ENSG1": True}, "value of 'ENSG1' is a bool"),
+])
+def test_pickle_loader_refuses_anything_but_plain_dicts(tmp_path, payload, message, capsys):
+    path = tmp_path / "dict.pkl"
+    path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(ValueError, match=message):
+        V.load_pickle_dict(path)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_pickle_loader_reads_numpy_scalars_as_python_numbers(tmp_path):
+    path = tmp_path / "dict.pkl"
+    path.write_bytes(pickle.dumps({"ENSG1": np.float64(1.5), "ENSG2": np.int16(7)}))
+    assert V.load_pickle_dict(path) == {"ENSG1": 1.5, "ENSG2": 7}
+    assert type(V.load_pickle_dict(path)["ENSG2"]) is int
+
+
+def test_vocab_rejects_duplicates_and_bad_start():
+    with pytest.raises(ValueError, match="more than once"):
+        V.GeneVocab(("<pad>", "<mask>", "A", "A"))
+    with pytest.raises(ValueError, match="must start with"):
+        V.GeneVocab(("A", "<pad>", "<mask>"))
+    with pytest.raises(ValueError, match="unknown species"):
+        V.check_species("rat")
