@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalized", action="store_true", help="accept non-integer values (not raw counts)")
     p.add_argument("--sum-duplicates", action="store_true", help="sum columns that map to the same Ensembl id")
     p.add_argument("--min-mapped", type=float, default=0.25, help="fail if fewer genes map to the vocabulary")
-    p.add_argument("--chunk-size", type=int, default=2048, help="cells per chunk")
+    p.add_argument("--chunk-size", type=int, default=1024, help="cells per chunk")
     p.add_argument("--workers", type=int, default=1, help="worker processes (chunks and files in parallel)")
     p.set_defaults(func=_tokenize)
 

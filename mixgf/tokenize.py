@@ -28,12 +28,12 @@ import pyarrow as pa
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from mixgf.io import atomic_dir, write_json_atomic
+from mixgf.io import atomic_dir
 from mixgf.readers import CellFile, InputError, open_cells, resolve_gene_ids, suggest_gene_columns
+from mixgf.tokens import TokenDatasetWriter
 from mixgf.vocab import GeneVocab, Medians, check_species, default_vocab, load_medians
 
 TARGET_SUM = 10_000
-METADATA_FILE = "mixgf_tokens.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,58 +49,60 @@ def rank_encode(counts: sp.csr_matrix, n_counts: np.ndarray, gene_tokens: np.nda
     at most ``max_len`` per row. Rows may come back empty.
     """
     counts = counts if counts.has_sorted_indices else counts.sorted_indices()
-    n_rows = counts.shape[0]
-    rows = np.repeat(np.arange(n_rows), np.diff(counts.indptr))
-    cols, data = counts.indices, counts.data
-    keep = (gene_tokens[cols] >= 0) & (data != 0)
-    rows, cols, data = rows[keep], cols[keep], data[keep]
+    ptr, cols, data = counts.indptr.astype(np.int64), counts.indices, counts.data
+    tokens = gene_tokens[cols]
+    keep = (tokens >= 0) & (data != 0)
+    if not keep.all():
+        cols, data, tokens = cols[keep], data[keep], tokens[keep]
+        ptr = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))[ptr]
+    per_row = np.diff(ptr)
 
-    values = data / n_counts[rows] * TARGET_SUM / gene_medians[cols]
-    ptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_rows), out=ptr[1:])
-    position = np.arange(len(rows)) - ptr[rows]  # position of the gene within its cell, in column order
-
-    keys, low_bits = _sort_keys(values, position)
+    # float64 whatever the input dtype, as Geneformer's float32 / float64 n_counts gives
+    values = data / np.repeat(n_counts.astype(np.float64), per_row) * TARGET_SUM / gene_medians[cols]
+    keys, low_bits = _sort_keys(values)
     for a, b in zip(ptr[:-1].tolist(), ptr[1:].tolist()):
         keys[a:b].sort()
-    element = ptr[rows] + (keys & ((1 << low_bits) - 1))  # rows are unchanged by a within-row sort
-    _fix_collisions(keys, element, values, rows, low_bits)
+    element = keys & ((1 << low_bits) - 1)  # a within-row sort leaves every element inside its row
+    _fix_collisions(keys, element, values, ptr, low_bits)
 
-    lengths = np.minimum(np.diff(ptr), max_len)
-    offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    lengths = np.minimum(per_row, max_len)
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    rank = np.arange(len(rows)) - ptr[rows]
-    top = element[rank < max_len]
-    return offsets, gene_tokens[cols[top]].astype(np.int32)
+    if (lengths < per_row).any():
+        rank = np.arange(len(element)) - np.repeat(ptr[:-1], per_row)
+        element = element[rank < max_len]
+    return offsets, tokens[element].astype(np.int32, copy=False)
 
 
-def _sort_keys(values: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, int]:
-    """int64 keys sorting by value descending, then position ascending; and the number of position bits."""
-    low_bits = max(int(position.max(initial=0)).bit_length(), 1)
+def _sort_keys(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """int64 keys that sort by value descending, then element index; and the number of index bits.
+
+    A row's elements are contiguous and in column order, so the index breaks ties by input position.
+    """
+    low_bits = max(len(values).bit_length(), 1)
     bits = values.view(np.int64)  # positive finite floats: bit patterns sort like the values
     if len(bits) == 0:
         return bits.copy(), low_bits
     top = int(bits.max())
-    spread = top - int(bits.min())
-    shift = max(0, spread.bit_length() - (63 - low_bits))
-    code = (top - bits) >> shift
-    return (code << low_bits) | position, low_bits
+    shift = max(0, (top - int(bits.min())).bit_length() - (63 - low_bits))
+    return (((top - bits) >> shift) << low_bits) | np.arange(len(bits)), low_bits
 
 
-def _fix_collisions(keys, element, values, rows, low_bits) -> None:
-    """Re-order, exactly, neighbours whose truncated value codes collided but whose values differ."""
+def _fix_collisions(keys, element, values, ptr, low_bits) -> None:
+    """Re-order, exactly, neighbours in a row whose truncated value codes collided but whose values differ."""
     code = keys >> low_bits
-    same = (code[1:] == code[:-1]) & (rows[1:] == rows[:-1])
-    clash = np.flatnonzero(same & (values[element[1:]] != values[element[:-1]]))
-    for i in clash:
+    row_start = np.zeros(len(keys) + 1, dtype=bool)
+    row_start[ptr] = True
+    same = (code[1:] == code[:-1]) & ~row_start[1:-1]  # same[i]: elements i and i + 1 share a code and a row
+    candidates = np.flatnonzero(same)
+    for i in candidates[values[element[candidates]] != values[element[candidates + 1]]]:
         start, stop = i, i + 2
         while start > 0 and same[start - 1]:
             start -= 1
         while stop < len(keys) and same[stop - 1]:
             stop += 1
         run = element[start:stop]
-        order = np.lexsort((run, -values[run]))  # value descending, then input position
-        element[start:stop] = run[order]
+        element[start:stop] = run[np.lexsort((run, -values[run]))]  # value descending, then input position
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ class TokenizeResult:
 def tokenize_files(inputs, out_dir, *, species: str, vocab: GeneVocab | None = None, medians: Medians | None = None,
                    max_len: int = 2048, obs_keys=(), counts: str = "X", gene_column: str | None = None,
                    normalized: bool = False, sum_duplicates: bool = False, min_mapped: float = 0.25,
-                   chunk_size: int = 2048, workers: int = 1, progress: bool = True) -> TokenizeResult:
+                   chunk_size: int = 1024, workers: int = 1, progress: bool = True) -> TokenizeResult:
     """Tokenize raw-count files of one species into a Hugging Face dataset saved at ``out_dir``.
 
     Columns: ``input_ids`` (list of int32), ``length``, ``species``, ``cell_id`` and the ``obs_keys`` columns,
@@ -192,27 +194,19 @@ def tokenize_files(inputs, out_dir, *, species: str, vocab: GeneVocab | None = N
     tasks = [(i, start, min(start + chunk_size, s.cells)) for i, s in enumerate(summaries)
              for start in range(0, s.cells, chunk_size)]
     with atomic_dir(out_dir) as tmp:
-        part = tmp / "tokens.arrow"
+        writer = TokenDatasetWriter(tmp)
         with _chunk_results(plans, tasks, workers) as results, \
                 tqdm(total=sum(s.cells for s in summaries), unit="cell", disable=not progress or None) as bar:
-            writer = None
             for (i, start, stop), (kept, offsets, tokens, stats) in zip(tasks, results):
                 s = summaries[i]
                 for key, value in stats.items():
                     setattr(s, key, getattr(s, key) + value)
-                batch = _record_batch(kept, offsets, tokens, metadata[i].iloc[start:stop], species)
-                writer = writer or pa.ipc.new_stream(str(part), batch.schema)
-                writer.write_batch(batch)
+                writer.write(_record_batch(kept, offsets, tokens, metadata[i].iloc[start:stop], species))
                 bar.update(stop - start)
-            if writer is None:
-                raise InputError(f"{', '.join(inputs)}: no cells to tokenize")
-            writer.close()
-        _save_dataset(part, tmp)
-        write_json_atomic(tmp / METADATA_FILE, {
-            "format": 1, "species": species, "vocab": vocab.identity(), "medians": medians.identity(),
-            "max_len": max_len, "normalized": normalized, "n_cells": sum(s.cells_kept for s in summaries),
-            "files": [s.to_dict() for s in summaries],
-        })
+        if writer.rows == 0:
+            raise InputError(f"{', '.join(inputs)}: no cell has counts on a vocabulary gene; nothing to tokenize")
+        writer.close({"format": 1, "species": species, "vocab": vocab.identity(), "medians": medians.identity(),
+                      "max_len": max_len, "normalized": normalized, "files": [s.to_dict() for s in summaries]})
     return TokenizeResult(Path(out_dir), summaries)
 
 
@@ -314,22 +308,22 @@ def _encode_chunk(task) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     cells = _worker_files[i]
     x = cells.chunk(start, stop)
     _check_values(x.data, plan.path, plan.normalized)
-    x = x.astype(np.float64, copy=False)
     n_counts = (cells.obs["n_counts"].to_numpy(dtype=np.float64)[start:stop] if plan.use_obs_n_counts
-                else np.asarray(x.sum(axis=1)).ravel())
+                else np.asarray(x.sum(axis=1, dtype=np.float64)).ravel())
     passes = (cells.obs["filter_pass"].to_numpy()[start:stop] == 1) if "filter_pass" in cells.obs else np.ones(stop - start, bool)
     if plan.merge is not None:
         x = (x @ plan.merge).tocsr()
     positive = n_counts > 0
     usable = passes & positive
-    x = x[usable]
+    if not usable.all():
+        x = x[usable]
     offsets, tokens = rank_encode(x, n_counts[usable], plan.gene_tokens, plan.gene_medians, plan.max_len)
     nonempty = np.diff(offsets) > 0
     kept = np.flatnonzero(usable)[nonempty]
     lengths = np.diff(offsets)[nonempty]
     new_offsets = np.zeros(len(kept) + 1, dtype=np.int64)
     np.cumsum(lengths, out=new_offsets[1:])
-    tokenized_counts = float(x.data[plan.gene_tokens[x.indices] >= 0].sum())
+    tokenized_counts = float((x @ (plan.gene_tokens >= 0).astype(np.float64)).sum())
     stats = {"cells_kept": len(kept), "dropped_filter_pass": int((~passes).sum()),
              "dropped_zero_counts": int((passes & ~positive).sum()), "dropped_no_vocab_genes": int((~nonempty).sum()),
              "counts_total": float(n_counts[usable].sum()), "counts_tokenized": tokenized_counts}
@@ -369,29 +363,3 @@ def _record_batch(kept, offsets, tokens, obs: pd.DataFrame, species: str) -> pa.
         if not name.startswith("__"):
             columns[name] = pa.array(obs[name].to_numpy())
     return pa.RecordBatch.from_pydict(columns)
-
-
-def _save_dataset(arrow_stream: Path, out: Path) -> None:
-    """Turn the streamed Arrow file into a ``save_to_disk`` dataset in ``out`` (memory-mapped, no full load)."""
-    from datasets import Dataset
-
-    ds = Dataset.from_file(str(arrow_stream))
-    ds.save_to_disk(str(out / "dataset"))
-    del ds
-    arrow_stream.unlink()
-    for f in (out / "dataset").iterdir():
-        f.rename(out / f.name)
-    (out / "dataset").rmdir()
-
-
-def load_tokens(path):
-    """A token dataset written by :func:`tokenize_files` and its metadata (vocabulary, medians, max length)."""
-    from datasets import load_from_disk
-
-    from mixgf.io import read_json
-
-    path = Path(path)
-    meta_path = path / METADATA_FILE
-    if not meta_path.exists():
-        raise InputError(f"{path}: not a mixgf token dataset (no {METADATA_FILE}); make it with `mixgf tokenize`")
-    return load_from_disk(str(path)), read_json(meta_path)

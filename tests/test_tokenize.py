@@ -10,7 +10,8 @@ import scipy.sparse as sp
 
 from mixgf import vocab as V
 from mixgf.readers import InputError
-from mixgf.tokenize import load_tokens, rank_encode, tokenize_files
+from mixgf.tokenize import rank_encode, tokenize_files
+from mixgf.tokens import load_tokens
 
 VOCAB = V.default_vocab()
 GENES = list(VOCAB.tokens[2:7])  # token ids 2..6

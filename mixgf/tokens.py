@@ -1,0 +1,90 @@
+"""Token datasets on disk: Hugging Face ``save_to_disk`` layout written as a stream, plus mixgf metadata.
+
+Writing shard by shard straight into the layout ``datasets.load_from_disk`` reads (Arrow stream files,
+``state.json``, ``dataset_info.json``) keeps memory flat and avoids the full copy that building a ``Dataset``
+and calling ``save_to_disk`` would make. ``mixgf_tokens.json`` beside them records the vocabulary, medians and
+maximum length that made the tokens, so a model can refuse a dataset made with another vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+
+from mixgf.io import read_json, write_json_atomic
+
+METADATA_FILE = "mixgf_tokens.json"
+
+
+class TokenDatasetWriter:
+    """Append record batches to ``directory`` (which must be new and empty); ``close(metadata)`` finishes it."""
+
+    def __init__(self, directory: str | Path, max_shard_bytes: int = 500 * 2**20):
+        self.directory, self.max_shard_bytes = Path(directory), max_shard_bytes
+        self.features, self.schema, self._stream, self._sink = None, None, None, None
+        self.shards: list[Path] = []
+        self.rows, self._shard_bytes = 0, 0
+        self._digest = hashlib.sha256()
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self.schema is None:
+            from datasets import Features
+
+            self.features = Features.from_arrow_schema(batch.schema)
+            self.schema = self.features.arrow_schema
+        batch = batch.cast(self.schema) if batch.schema != self.schema else batch
+        if self._stream is None or self._shard_bytes >= self.max_shard_bytes:
+            self._open_shard()
+        self._stream.write_batch(batch)
+        self._shard_bytes += batch.nbytes
+        self.rows += batch.num_rows
+        for column in batch.columns:
+            for buffer in column.buffers():
+                if buffer is not None:
+                    self._digest.update(memoryview(buffer))
+
+    def _open_shard(self) -> None:
+        self._close_shard()
+        self.shards.append(self.directory / f"part-{len(self.shards):05d}.arrow")
+        self._sink = pa.OSFile(str(self.shards[-1]), "wb")
+        self._stream = pa.ipc.new_stream(self._sink, self.schema)
+        self._shard_bytes = 0
+
+    def _close_shard(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._sink.close()
+            self._stream = None
+
+    def close(self, metadata: dict) -> None:
+        """Name the shards as ``save_to_disk`` does and write its JSON files and the mixgf metadata."""
+        from datasets import DatasetInfo
+
+        if self.schema is None:
+            raise ValueError(f"{self.directory}: no rows were written")
+        self._close_shard()
+        n = len(self.shards)
+        names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
+        for shard, name in zip(self.shards, names):
+            shard.rename(self.directory / name)
+        state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": self._digest.hexdigest()[:16],
+                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+                 "_output_all_columns": False, "_split": None}
+        info = asdict(DatasetInfo(features=self.features))
+        write_json_atomic(self.directory / "state.json", state)
+        write_json_atomic(self.directory / "dataset_info.json", {k: info[k] for k in sorted(info)})
+        write_json_atomic(self.directory / METADATA_FILE, metadata | {"n_rows": self.rows})
+
+
+def load_tokens(path: str | Path):
+    """A token dataset (memory-mapped) and its metadata (vocabulary, medians, max length, provenance)."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    if not (path / METADATA_FILE).exists():
+        raise FileNotFoundError(f"{path}: not a mixgf token dataset (no {METADATA_FILE}); make it with "
+                                "`mixgf tokenize` (or `dvc repro` for the pipeline's corpora)")
+    return load_from_disk(str(path)), read_json(path / METADATA_FILE)
