@@ -52,6 +52,17 @@ def _vocab(args) -> None:
     print(f"{len(vocab):,} tokens (hash {vocab.hash}) -> {args.out}", file=sys.stderr)
 
 
+def _merge(args) -> None:
+    from mixgf.corpus import Source, merge_corpora
+    from mixgf.vocab import load_vocab
+
+    sources = [Source(path, load_vocab(vocab), species) for path, species, vocab in args.source]
+    for summary in merge_corpora(sources, args.out, load_vocab(args.vocab), seed=args.seed,
+                                 rows_per_bucket=args.rows_per_bucket):
+        print(summary.line(), file=sys.stderr)
+    print(f"merged corpus -> {args.out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixgf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024, help="cells per chunk")
     p.add_argument("--workers", type=int, default=1, help="worker processes (chunks and files in parallel)")
     p.set_defaults(func=_tokenize)
+
+    corpus = sub.add_parser("corpus", help="token corpora").add_subparsers(dest="corpus_command", required=True)
+    p = corpus.add_parser("merge", help="merge token datasets from different vocabularies into one shuffled corpus")
+    p.add_argument("--source", nargs=3, action="append", required=True, metavar=("DATASET", "SPECIES", "VOCAB"),
+                   help="a token dataset, its species and its vocabulary: mixgf, geneformer-v1, a .pkl token "
+                        "dictionary or a vocabulary .tsv (repeat for every source)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--vocab", default="mixgf", help="target vocabulary (default: the bundled unified one)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--rows-per-bucket", type=int, default=100_000, help="rows shuffled in memory at a time")
+    p.set_defaults(func=_merge)
 
     p = sub.add_parser("import-dict", help="convert a Geneformer-style pickle to TSV (safely)")
     p.add_argument("pickle")

@@ -55,7 +55,7 @@ def content_hash(lines) -> str:
 class GeneVocab:
     """An ordered token list; token id = position. Immutable and hashable by content."""
 
-    tokens: tuple[str, ...]
+    tokens: tuple[str, ...] = field(repr=False)
     name: str = field(default="custom", compare=False)
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
@@ -70,6 +70,9 @@ class GeneVocab:
 
     pad_id = 0
     mask_id = 1
+
+    def __repr__(self) -> str:
+        return f"GeneVocab(name={self.name!r}, size={len(self)}, hash={self.hash!r})"
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -159,9 +162,22 @@ def geneformer_v1_vocab() -> GeneVocab:
     return GeneVocab(tokens[:n], name="geneformer-gc30M")
 
 
-def load_vocab(path: str | Path | None = None) -> GeneVocab:
-    """The bundled vocabulary, or one written with :meth:`GeneVocab.write` (e.g. with Mouse-Geneformer's genes)."""
-    return default_vocab() if path is None else GeneVocab.read(path)
+def load_vocab(spec: str | Path | None = None) -> GeneVocab:
+    """A vocabulary by name or file.
+
+    ``None`` or ``"mixgf"``: the bundled unified vocabulary; ``"geneformer-v1"``: its Geneformer V1 part; a
+    ``.pkl`` path: a Geneformer-style token dictionary (read safely); any other path: a TSV from :meth:`GeneVocab.write`.
+    """
+    if spec is None or str(spec) == "mixgf":
+        return default_vocab()
+    if str(spec) == "geneformer-v1":
+        return geneformer_v1_vocab()
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"vocabulary {spec}: no such file (give 'mixgf', 'geneformer-v1', a .pkl or a .tsv)")
+    if path.suffix == ".pkl":
+        return GeneVocab.from_token_dict(load_pickle_dict(path), name=path.stem)
+    return GeneVocab.read(path)
 
 
 @dataclass(frozen=True)
