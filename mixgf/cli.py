@@ -25,6 +25,17 @@ def _tokenize(args) -> None:
     print(f"{result.n_cells:,} cells -> {result.out_dir}", file=sys.stderr)
 
 
+def _medians(args) -> None:
+    from mixgf.medians import error_bound, file_medians
+
+    medians = file_medians(args.inputs, args.species, counts=args.counts, gene_column=args.gene_column,
+                           passes=args.passes, min_cells=args.min_cells, chunk_size=args.chunk_size,
+                           name=Path(args.out).name.split(".")[0])
+    medians.write(args.out)
+    print(f"{medians.values.size:,} gene medians (relative error <= {error_bound(args.passes):.1e}) -> {args.out}",
+          file=sys.stderr)
+
+
 def _import_dict(args) -> None:
     """Geneformer / Mouse-Geneformer pickles -> the plain-text formats this package reads."""
     import pandas as pd
@@ -94,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--rows-per-bucket", type=int, default=100_000, help="rows shuffled in memory at a time")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("medians", help="per-gene non-zero medians of count / n_counts * 10,000 over many files")
+    p.add_argument("inputs", nargs="+", help=".h5ad, .loom, 10x matrix folders or 10x .h5 files")
+    p.add_argument("--species", required=True, help="human or mouse")
+    p.add_argument("--out", required=True, help="output TSV (ensembl_id, median); .gz to compress")
+    p.add_argument("--counts", default="X", help="count matrix: X, raw, or a layer name")
+    p.add_argument("--gene-column", help="var column holding gene ids (Ensembl or symbols)")
+    p.add_argument("--passes", type=int, default=2, help="passes over the data; each one shrinks the error 256x")
+    p.add_argument("--min-cells", type=int, default=1, help="genes seen in fewer cells get no median")
+    p.add_argument("--chunk-size", type=int, default=2048, help="cells per chunk")
+    p.set_defaults(func=_medians)
 
     p = sub.add_parser("import-dict", help="convert a Geneformer-style pickle to TSV (safely)")
     p.add_argument("pickle")

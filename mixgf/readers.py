@@ -48,6 +48,19 @@ class CellFile:
             x.sort_indices()
         return x
 
+    def n_counts(self, start: int, stop: int, counts: sp.csr_matrix) -> np.ndarray:
+        """Total counts of rows ``start:stop``: obs['n_counts'] when present (Geneformer's convention), else the
+        sum over all genes of ``counts`` (those rows)."""
+        if "n_counts" in self.obs.columns:
+            return self.obs["n_counts"].to_numpy(dtype=np.float64)[start:stop]
+        return np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()
+
+    def passes_filter(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` to use: obs['filter_pass'] == 1 when present (Geneformer's convention), else all."""
+        if "filter_pass" in self.obs.columns:
+            return self.obs["filter_pass"].to_numpy()[start:stop] == 1
+        return np.ones(stop - start, dtype=bool)
+
 
 def open_cells(source: str | Path | AnnData, *, counts: str = "X") -> CellFile:
     """Open an input for chunked reading.

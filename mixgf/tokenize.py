@@ -152,7 +152,6 @@ class _Plan:
     gene_tokens: np.ndarray
     gene_medians: np.ndarray
     merge: sp.csr_matrix | None  # columns -> unique genes, when duplicates are summed
-    use_obs_n_counts: bool
     normalized: bool
     max_len: int
 
@@ -244,12 +243,9 @@ def _plan_file(path, species, vocab, medians, *, max_len, obs_keys, counts, gene
         for k in obs_keys:
             column = cells.obs[k]
             obs[k] = column.astype(str).to_numpy() if isinstance(column.dtype, pd.CategoricalDtype) else column.to_numpy()
-        for k in ("filter_pass", "n_counts"):
-            if k in cells.obs.columns:
-                obs[f"__{k}"] = cells.obs[k].to_numpy()
     finally:
         cells.close()
-    plan = _Plan(str(path), counts, tokens, medians_of, merge, "__n_counts" in obs, normalized, max_len)
+    plan = _Plan(str(path), counts, tokens, medians_of, merge, normalized, max_len)
     summary = FileSummary(str(path), ids.source, len(genes), int((tokens >= 0).sum()), cells.n_obs)
     return plan, summary, obs
 
@@ -308,9 +304,8 @@ def _encode_chunk(task) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     cells = _worker_files[i]
     x = cells.chunk(start, stop)
     _check_values(x.data, plan.path, plan.normalized)
-    n_counts = (cells.obs["n_counts"].to_numpy(dtype=np.float64)[start:stop] if plan.use_obs_n_counts
-                else np.asarray(x.sum(axis=1, dtype=np.float64)).ravel())
-    passes = (cells.obs["filter_pass"].to_numpy()[start:stop] == 1) if "filter_pass" in cells.obs else np.ones(stop - start, bool)
+    n_counts = cells.n_counts(start, stop, x)
+    passes = cells.passes_filter(start, stop)
     if plan.merge is not None:
         x = (x @ plan.merge).tocsr()
     positive = n_counts > 0
@@ -360,6 +355,5 @@ def _record_batch(kept, offsets, tokens, obs: pd.DataFrame, species: str) -> pa.
         "species": pa.array([species] * len(kept), pa.string()),
     }
     for name in obs.columns:
-        if not name.startswith("__"):
-            columns[name] = pa.array(obs[name].to_numpy())
+        columns[name] = pa.array(obs[name].to_numpy())
     return pa.RecordBatch.from_pydict(columns)
