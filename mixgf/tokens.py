@@ -88,3 +88,22 @@ def load_tokens(path: str | Path):
         raise FileNotFoundError(f"{path}: not a mixgf token dataset (no {METADATA_FILE}); make it with "
                                 "`mixgf tokenize` (or `dvc repro` for the pipeline's corpora)")
     return load_from_disk(str(path)), read_json(path / METADATA_FILE)
+
+
+def write_rows(dataset, indices, out_dir: str | Path, metadata: dict, batch_size: int = 10_000) -> int:
+    """Write the rows ``indices`` of a (memory-mapped) dataset as a new token dataset; returns the row count.
+
+    Streams Arrow batches, so nothing is cached inside the source directory (a DVC output) and memory stays flat.
+    """
+    from mixgf.io import atomic_dir
+
+    subset = dataset.select(indices)
+    with atomic_dir(out_dir) as tmp:
+        writer = TokenDatasetWriter(tmp)
+        for batch in subset.with_format("arrow").iter(batch_size):
+            for record_batch in batch.to_batches():
+                writer.write(record_batch)
+        if writer.schema is None:  # no rows: still a valid, empty dataset with the source's columns
+            writer.write(pa.RecordBatch.from_pylist([], schema=dataset.data.schema))
+        writer.close(metadata)
+    return len(subset)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mixgf.io import write_text_atomic
+
 PAD, MASK = "<pad>", "<mask>"
 SPECIES = ("human", "mouse")
 ENSEMBL_PREFIX = {"human": "ENSG", "mouse": "ENSMUSG"}
@@ -112,9 +114,8 @@ class GeneVocab:
         return cls(tuple(tokens), name=name)
 
     def write(self, path: str | Path) -> None:
-        """Write as a TSV (token_id, token); gzip if the name ends in .gz."""
-        frame = pd.DataFrame({"token_id": np.arange(len(self)), "token": self.tokens})
-        frame.to_csv(path, sep="\t", index=False)
+        """Write as a TSV (token_id, token), atomically; gzip if the name ends in .gz."""
+        write_text_atomic(path, "token_id\ttoken\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(self.tokens)))
 
     @classmethod
     def read(cls, path: str | Path, name: str | None = None) -> GeneVocab:
@@ -196,9 +197,7 @@ class Medians:
 
     def write(self, path: str | Path) -> None:
         # repr keeps every float64 bit, so medians round-trip exactly
-        lines = ["ensembl_id\tmedian"] + [f"{g}\t{float(v)!r}" for g, v in self.values.items()]
-        data = ("\n".join(lines) + "\n").encode()
-        Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
+        write_text_atomic(path, "ensembl_id\tmedian\n" + "".join(f"{g}\t{float(v)!r}\n" for g, v in self.values.items()))
 
     @classmethod
     def read(cls, path: str | Path, name: str | None = None) -> Medians:

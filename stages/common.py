@@ -30,3 +30,23 @@ def load_params(path: str | Path = ROOT / "params.yaml") -> dict:
     if name != "demo" and name not in profiles:
         sys.exit(f"params.yaml: unknown profile {name!r}; choose demo or one of: {', '.join(profiles)}")
     return _merge(params, profiles.get(name, {}))
+
+
+WHERE = {  # what a paper-profile input is and where users get it (README, "Paper profile")
+    "genecorpus_30m": "Genecorpus-30M tokenized with the V1 dictionary: Hugging Face dataset ctheodoris/Genecorpus-30M",
+    "mouse_genecorpus_20m": "Mouse-Genecorpus-20M: Hugging Face dataset MPRG/Mouse-Genecorpus-20M",
+    "mouse_token_dictionary": "MLM-re_token_dictionary_v1.pkl from MPRG/Mouse-Genecorpus-20M",
+    "organs": "a folder of <species>_<Organ>.h5ad raw-count files with obs['cell_type'] (Tables 1-2)",
+    "heart": "a folder with human_heart.h5ad and mouse_heart.h5ad, obs['disease'] = disease / normal",
+}
+
+
+def require_inputs(params: dict, *keys: str) -> dict[str, Path]:
+    """The paper profile's input paths; one error naming every missing path and where to get it."""
+    inputs = params.get("inputs", {})
+    paths = {k: ROOT / inputs.get(k, f"<inputs.{k} not set>") for k in keys}
+    missing = [f"  inputs.{k}: {p} -- {WHERE[k]}" for k, p in paths.items() if not p.exists()]
+    if missing:
+        sys.exit("the paper profile needs these inputs, which are missing (nothing is downloaded for you):\n"
+                 + "\n".join(missing))
+    return paths

@@ -8,18 +8,18 @@ human<->mouse exports), laid out as in the project's shared data folder. Output 
 """
 
 import argparse
-import gzip
 from pathlib import Path
 
 import pandas as pd
 
+from mixgf.io import write_text_atomic
 from mixgf.vocab import GeneVocab, Medians, load_pickle_dict, unified_vocab
 
 OUT = Path(__file__).parent
 
 
 def write_tsv_gz(frame: pd.DataFrame, name: str) -> None:
-    (OUT / name).write_bytes(gzip.compress(frame.to_csv(sep="\t", index=False).encode(), mtime=0))
+    write_text_atomic(OUT / name, frame.to_csv(sep="\t", index=False))
 
 
 def build(source: Path) -> None:
