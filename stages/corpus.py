@@ -19,10 +19,13 @@ from mixgf.tokens import load_tokens, write_rows
 from mixgf.vocab import GeneVocab, geneformer_v1_vocab, load_pickle_dict
 
 
-def pretraining_sources(params, tokens: Path, vocab: GeneVocab) -> dict[str, Source]:
-    if params["profile"] != "paper":
+PAPER_INPUTS = ("genecorpus_30m", "mouse_genecorpus_20m", "mouse_token_dictionary")
+
+
+def pretraining_sources(paths: dict | None, tokens: Path, vocab: GeneVocab) -> dict[str, Source]:
+    """Our tokenized pretraining cells (demo), or the published corpora in their own vocabularies (paper)."""
+    if paths is None:
         return {s: Source(str(tokens / f"{s}_pretrain"), vocab, s) for s in ("human", "mouse")}
-    paths = require_inputs(params, "genecorpus_30m", "mouse_genecorpus_20m", "mouse_token_dictionary")
     mouse_vocab = GeneVocab.from_token_dict(load_pickle_dict(paths["mouse_token_dictionary"]), "mouse-geneformer")
     return {"human": Source(str(paths["genecorpus_30m"]), geneformer_v1_vocab(), "human"),
             "mouse": Source(str(paths["mouse_genecorpus_20m"]), mouse_vocab, "mouse")}
@@ -34,8 +37,9 @@ def main(argv=None):
         parser.add_argument(f"--{name}", required=True, type=Path)
     args = parser.parse_args(argv)
     params = load_params()
+    paths = require_inputs(params, *PAPER_INPUTS) if params["profile"] == "paper" else None
     vocab = GeneVocab.read(args.vocab)
-    sources = pretraining_sources(params, args.tokens, vocab)
+    sources = pretraining_sources(paths, args.tokens, vocab)
     metrics = {}
     with atomic_dir(args.corpus) as corpus:
         for name, chosen in (("mix", ["human", "mouse"]), ("human", ["human"]), ("mouse", ["mouse"])):

@@ -1,0 +1,89 @@
+"""The pipeline end to end: `dvc repro` on the tiny profile in a copy of the repository."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mixgf.demo import ORGANS, organ
+from mixgf.tokens import load_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _copy_repo(tmp_path: Path, profile: str) -> Path:
+    repo = tmp_path / "repo"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["profile"] = profile
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo
+
+
+def _run(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
+    # stage commands say `python`: make it this interpreter, as an activated virtual environment would
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, *cmd], cwd=repo, capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory):
+    repo = _copy_repo(tmp_path_factory.mktemp("tiny"), "tiny")
+    run = _run(repo, "-m", "dvc", "repro")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return repo
+
+
+def test_repro_builds_corpora_and_downstream_datasets(tiny_repo):
+    metrics = json.loads((tiny_repo / "metrics" / "corpus.json").read_text())
+    assert metrics["mix"]["cells"] == metrics["human"]["cells"] + metrics["mouse"]["cells"] > 0
+    mix, meta = load_tokens(tiny_repo / "data" / "corpus" / "mix")
+    assert set(mix["species"]) == {"human", "mouse"} and meta["vocab"]["size"] == 82_606
+    assert max(mix["length"]) <= 64  # the tiny profile's max_len
+    for species, organs in ORGANS.items():
+        for name in organs:  # the tiny atlas is too small to hold every rare type in every split
+            data, _ = load_tokens(tiny_repo / "data" / "finetune" / f"{species}_{name}")
+            types = set(data["cell_type"])
+            assert set(data["organ"]) == {name} and 1 < len(types) and types <= set(organ(species, name).cell_types)
+    heart, _ = load_tokens(tiny_repo / "data" / "perturb" / "mouse_heart")
+    assert set(heart["disease"]) == {"disease", "normal"}
+    drivers = (tiny_repo / "data" / "atlas" / "drivers.tsv").read_text()
+    assert "up" in drivers and "down" in drivers
+
+
+def test_pretraining_and_finetuning_cells_are_disjoint(tiny_repo):
+    for species in ("human", "mouse"):
+        pre, _ = load_tokens(tiny_repo / "data" / "tokens" / f"{species}_pretrain")
+        fine, _ = load_tokens(tiny_repo / "data" / "tokens" / f"{species}_finetune")
+        assert not set(pre["cell_id"]) & set(fine["cell_id"])
+
+
+def test_repro_is_deterministic_and_up_to_date(tiny_repo):
+    lengths = np.load(tiny_repo / "data" / "corpus" / "mix" / "lengths.npy")
+    status = _run(tiny_repo, "-m", "dvc", "status")
+    assert "up to date" in status.stdout, status.stdout
+    run = _run(tiny_repo, "-m", "dvc", "repro", "--force", "corpus")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (np.load(tiny_repo / "data" / "corpus" / "mix" / "lengths.npy") == lengths).all()
+
+
+def test_paper_profile_names_every_missing_input(tmp_path):
+    repo = _copy_repo(tmp_path, "paper")
+    run = _run(repo, "stages/corpus.py", "--vocab", "v", "--tokens", "t", "--corpus", "c", "--finetune", "f",
+               "--perturb", "p", "--metrics", "m.json")
+    assert run.returncode != 0
+    for key in ("genecorpus_30m", "mouse_genecorpus_20m", "mouse_token_dictionary"):
+        assert f"inputs.{key}" in run.stderr
+    assert "ctheodoris/Genecorpus-30M" in run.stderr and not (repo / "c").exists()
