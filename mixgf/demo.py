@@ -48,7 +48,6 @@ of organs (``DemoConfig.organs``) gives the same cells for those organs as the f
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from functools import cache
 from types import MappingProxyType
@@ -144,6 +143,7 @@ STATES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 # Known heart-failure genes planted as disease drivers when they are one-to-one orthologs.
 HEART_DRIVERS_UP = ("NPPA", "NPPB", "MYH7", "ACTA1", "ANKRD1", "POSTN", "COL1A1", "CCN2", "XIRP2")
 HEART_DRIVERS_DOWN = ("ATP2A2", "MYH6", "KCNJ2", "HCN4", "RYR2", "PLN")
+_RIBOSOMAL = r"^RP[LS]\d+A?X?$"  # RPL3, RPS27A, RPS4X; not RPL3L or RPS6KA1
 HOUSEKEEPING = ("ACTB", "B2M", "EEF1A1", "GAPDH", "TPT1", "FTH1", "FTL", "TMSB10", "MYL6", "UBA52")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,10 +327,10 @@ def _gene_pools() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     paired = set(orth.mouse_id)
     mouse_ids = sorted(g for g in vocab if g.startswith("ENSMUSG") and g not in paired and g in mouse_sym)
     mouse = pd.DataFrame({"ensembl_id": mouse_ids, "symbol": [mouse_sym[g] for g in mouse_ids]})
-    # microRNAs, lincRNAs, olfactory receptors and predicted genes read poorly as cell-type genes
-    human = human[~human.symbol.str.match(r"^(MIR|LINC|SNOR|OR\d|LOC)|-AS\d|-DT$")].reset_index(drop=True)
-    mouse = mouse[~mouse.symbol.str.match(r"^(Gm|Mir|Snor|Olfr|Vmn\dr)\d|Rik$|os\d?$")].reset_index(drop=True)
-    return pairs, human, mouse
+    # microRNAs, lincRNAs, olfactory receptors, read-throughs and predicted genes read poorly as cell-type genes
+    human["plain"] = ~human.symbol.str.contains(r"^(?:MIR|LINC|SNOR|OR\d|LOC)|-AS\d|-DT$|\w-\w+\d")
+    mouse["plain"] = ~mouse.symbol.str.contains(r"^(?:Gm|Mir|Snor|Olfr|Or|Vmn\dr)\d|Rik\d*$|-ps\d*$|os\d?$")
+    return pairs, human.reset_index(drop=True), mouse[mouse.plain].reset_index(drop=True)
 
 
 @cache
@@ -350,17 +350,20 @@ def _select_genes(cfg: DemoConfig, rng: np.random.Generator) -> tuple[dict[str, 
     pairs, human_only, mouse_only = _gene_pools()
     n_shared = int(round(cfg.n_genes * cfg.frac_orthologs))
     n_specific = cfg.n_genes - n_shared
-    ribosomal = pairs.human_symbol.str.match(r"^RP[LS]\d+A?X?$")
+    ribosomal = pairs.human_symbol.str.match(_RIBOSOMAL)
     named = set(HOUSEKEEPING) | {g for v in MARKERS.values() for g in v} | {g for v in STATES.values() for g in v}
     named |= set(HEART_DRIVERS_UP) | set(HEART_DRIVERS_DOWN)
     immune = set(_pbmc68k_ids())
     forced = ribosomal | pairs.human_symbol.isin(named) | pairs.human_id.isin(immune)
+    if forced.sum() > n_shared:
+        raise ValueError(f"n_genes={cfg.n_genes} leaves {n_shared} ortholog genes, fewer than the {forced.sum()} "
+                         "named ones; raise n_genes or frac_orthologs")
     rest = np.flatnonzero(~forced.to_numpy())
     pick = np.sort(np.r_[np.flatnonzero(forced.to_numpy()), rng.choice(rest, n_shared - forced.sum(), replace=False)])
     backbone = pairs.iloc[pick].reset_index(drop=True)
 
-    forced_h = human_only.ensembl_id.isin(immune).to_numpy()
-    rest_h = np.flatnonzero(~forced_h)
+    forced_h = human_only.ensembl_id.isin(immune).to_numpy()  # pbmc68k genes stay whatever their name
+    rest_h = np.flatnonzero(~forced_h & human_only.plain.to_numpy())
     hs = human_only.iloc[np.sort(np.r_[np.flatnonzero(forced_h), rng.choice(rest_h, n_specific - forced_h.sum(), replace=False)])]
     ms = mouse_only.iloc[np.sort(rng.choice(len(mouse_only), n_specific, replace=False))]
 
@@ -396,92 +399,107 @@ def _catalog(cfg: DemoConfig) -> _Catalog:
 
 @cache
 def _catalog_cached(key: tuple) -> _Catalog:
+    """Genes, baselines, programs, proportions and drivers, drawn in a fixed order from one stream."""
     cfg = DemoConfig(**dict(zip(_CATALOG_FIELDS, key)))
     rng = _rng(cfg.seed, 0)
     var, n_shared = _select_genes(cfg, rng)
-    G, n_spec = cfg.n_genes, cfg.n_genes - n_shared
-    human_symbols = var["human"].symbol.to_numpy()[:n_shared]
-    index_of = {s: i for i, s in enumerate(human_symbols)}
+    base, theta = _baselines(cfg, var, n_shared, rng)
+    effects = _programs(cfg, var, n_shared, rng)
+    size = {t: float(2.0 ** rng.normal(0, 0.4)) for t in LINEAGE_OF}
+    shares = {o.key: _shares(o.n_types, cfg.min_type_fraction, rng) for o in ORGAN_TABLE}
+    drivers = _plant_drivers(cfg, var, n_shared, base, effects, rng)
+    return _Catalog(var, n_shared, base, theta, effects, tuple(STATES), size, shares, drivers)
 
-    # baseline abundance and dispersion: shared by orthologs, with a little species divergence
+
+def _baselines(cfg: DemoConfig, var: dict[str, pd.DataFrame], n_shared: int, rng: np.random.Generator):
+    """Baseline log2 abundance and NB size per gene: shared by orthologs, with a little species divergence."""
+    n_spec = cfg.n_genes - n_shared
     base_shared = rng.normal(0, cfg.base_sd, n_shared)
-    housekeeping = np.array([bool(re.match(r"^RP[LS]\d+A?X?$", s)) or s in HOUSEKEEPING for s in human_symbols])
-    base_shared[housekeeping] = rng.normal(6.0, 0.7, housekeeping.sum())
+    symbols = var["human"].symbol.iloc[:n_shared]
+    housekeeping = (symbols.str.match(_RIBOSOMAL) | symbols.isin(HOUSEKEEPING)).to_numpy()
+    base_shared[housekeeping] = rng.normal(6.0, 0.7, housekeeping.sum())  # ~20% of UMIs, as in real cells
     theta_shared = cfg.theta_median * 2.0 ** rng.normal(0, 1.0, n_shared)
     base, theta = {}, {}
     for s in ("human", "mouse"):
         base[s] = np.r_[base_shared + rng.normal(0, 0.5, n_shared), rng.normal(-0.5, cfg.base_sd, n_spec)]
         theta[s] = np.r_[theta_shared, cfg.theta_median * 2.0 ** rng.normal(0, 1.0, n_spec)]
+    return base, theta
+
+
+def _programs(cfg: DemoConfig, var: dict[str, pd.DataFrame], n_shared: int,
+              rng: np.random.Generator) -> dict[tuple[str, str], np.ndarray]:
+    """Every program (class, lineage, cell type, organ, cell state) as a dense log2-fold-change vector per species."""
+    G, n_spec = cfg.n_genes, cfg.n_genes - n_shared
+    index_of = {s: i for i, s in enumerate(var["human"].symbol.iloc[:n_shared])}
 
     def program(n_up: int, n_down: int, lfc: float, n_own: int, named=()) -> dict[str, np.ndarray]:
         """One shared program seen by each species through its own filter, plus species-specific genes."""
-        genes = rng.choice(n_shared, n_up + n_down, replace=False)
-        fc = np.r_[rng.normal(lfc, 0.3 * lfc, n_up), -rng.normal(0.6 * lfc, 0.2 * lfc, n_down)]
-        named_idx = [index_of[g] for g in named if g in index_of]
-        genes = np.r_[genes, np.array(named_idx, dtype=int)].astype(int)
-        fc = np.r_[fc, rng.normal(lfc + 1.5, 0.3, len(named_idx))]
+        named_idx = np.array([index_of[g] for g in named if g in index_of], dtype=int)
+        genes = np.r_[rng.choice(n_shared, n_up + n_down, replace=False), named_idx]
+        fc = np.r_[rng.normal(lfc, 0.3 * lfc, n_up), -rng.normal(0.6 * lfc, 0.2 * lfc, n_down),
+                   rng.normal(lfc + 1.5, 0.3, len(named_idx))]  # real markers: strong
         out = {}
         for s in ("human", "mouse"):
             v = np.zeros(G)
             keep = rng.random(len(genes)) >= cfg.divergence_drop
-            keep[len(genes) - len(named_idx):] = True  # real markers hold in both species
+            keep[n_up + n_down:] = True  # real markers hold in both species
             v[genes[keep]] = fc[keep] * 2.0 ** rng.normal(0, cfg.divergence_sd, keep.sum())
             v[n_shared + rng.choice(n_spec, n_own, replace=False)] += rng.normal(lfc, 0.3 * lfc, n_own)
             out[s] = v
         return out
 
-    effects = {}
-    classes = sorted({c for c, _ in LINEAGES.values()})
-    for c in classes:
-        for s, v in program(150, 50, 2.5, 20, MARKERS.get(c, ())).items():
-            effects[s, f"class:{c}"] = v
-    for lin in LINEAGES:
-        for s, v in program(60, 20, 2.0, 12, MARKERS.get(lin, ())).items():
-            effects[s, f"lineage:{lin}"] = v
-    for t in LINEAGE_OF:
-        n_down = max(1, cfg.type_genes // 3)
-        for s, v in program(cfg.type_genes, n_down, cfg.type_lfc, 6).items():
-            effects[s, f"type:{t}"] = v
-    for name in sorted({o.name for o in ORGAN_TABLE}):
-        for s, v in program(30, 0, 0.8, 5).items():
-            effects[s, f"organ:{name}"] = v
-    for st, named in STATES.items():
-        for s, v in program(40, 0, 1.5, 3, named).items():
-            effects[s, f"state:{st}"] = v
-    size = {t: float(2.0 ** rng.normal(0, 0.4)) for t in LINEAGE_OF}
-    shares = {o.key: _shares(o.n_types, cfg.min_type_fraction, rng) for o in ORGAN_TABLE}
+    named_programs = (  # (key, program), in a fixed order so the seed fixes every draw
+        [(f"class:{c}", program(150, 50, 2.5, 20, MARKERS.get(c, ())))
+         for c in sorted({c for c, _ in LINEAGES.values()})]
+        + [(f"lineage:{lin}", program(60, 20, 2.0, 12, MARKERS.get(lin, ()))) for lin in LINEAGES]
+        + [(f"type:{t}", program(cfg.type_genes, max(1, cfg.type_genes // 3), cfg.type_lfc, 6)) for t in LINEAGE_OF]
+        + [(f"organ:{o}", program(30, 0, 0.8, 5)) for o in sorted({o.name for o in ORGAN_TABLE})]
+        + [(f"state:{st}", program(40, 0, 1.5, 3, named)) for st, named in STATES.items()]
+    )
+    return {(s, key): v for key, per_species in named_programs for s, v in per_species.items()}
 
-    # heart-disease drivers: known heart-failure genes first, then random moderately expressed backbone genes
+
+def _plant_drivers(cfg: DemoConfig, var: dict[str, pd.DataFrame], n_shared: int, base: dict[str, np.ndarray],
+                   effects: dict, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+    """Heart-disease drivers: known heart-failure genes first, then random backbone genes, then species-specific ones.
+
+    Drivers get a baseline in the upper quarter of abundances (so they are seen going up or down) and avoid
+    markers, state genes and class programs (so they are not confounded with cell identity). Adds
+    ``effects[species, "disease"]`` and returns the ground-truth tables.
+    """
+    symbols = var["human"].symbol.iloc[:n_shared]
+    index_of = {s: i for i, s in enumerate(symbols)}
     known = [(g, +1) for g in HEART_DRIVERS_UP] + [(g, -1) for g in HEART_DRIVERS_DOWN]
     known = [(index_of[g], d) for g, d in known if g in index_of][: cfg.n_drivers]
-    named_genes = {g for v in MARKERS.values() for g in v} | {g for v in STATES.values() for g in v}
-    used = {i for i, _ in known} | {index_of[g] for g in named_genes if g in index_of}
-    used |= {int(i) for (_, k), v in effects.items() if k.startswith("class:") for i in np.flatnonzero(v[:n_shared])}
-    n_up = cfg.n_drivers // 2 - sum(d > 0 for _, d in known)
-    n_down = cfg.n_drivers - cfg.n_drivers // 2 - sum(d < 0 for _, d in known)
-    free = np.array([i for i in range(n_shared) if i not in used and not housekeeping[i]])
-    extra = rng.choice(free, max(n_up, 0) + max(n_down, 0), replace=False)
-    genes = np.r_[[i for i, _ in known], extra].astype(int)
-    direction = np.r_[[d for _, d in known], np.ones(max(n_up, 0)), -np.ones(max(n_down, 0))]
+    named = {g for v in MARKERS.values() for g in v} | {g for v in STATES.values() for g in v}
+    used = np.zeros(n_shared, dtype=bool)
+    used[[i for i, _ in known] + [index_of[g] for g in named if g in index_of]] = True
+    used |= (symbols.str.match(_RIBOSOMAL) | symbols.isin(HOUSEKEEPING)).to_numpy()
+    for (_, key), v in effects.items():
+        if key.startswith("class:"):
+            used |= v[:n_shared] != 0
+    n_up = max(cfg.n_drivers // 2 - sum(d > 0 for _, d in known), 0)
+    n_down = max(cfg.n_drivers - cfg.n_drivers // 2 - sum(d < 0 for _, d in known), 0)
+    genes = np.r_[[i for i, _ in known], rng.choice(np.flatnonzero(~used), n_up + n_down, replace=False)].astype(int)
+    direction = np.r_[[d for _, d in known], np.ones(n_up), -np.ones(n_down)]
     magnitude = rng.uniform(1.0, 2.0, len(genes))
-    lo, hi = np.quantile(base_shared, [0.75, 0.95])
-    base_shared_drivers = rng.uniform(lo, hi, len(genes))  # expressed enough to be seen going up or down
+    lo, hi = np.quantile(base["human"][:n_shared], [0.75, 0.95])
+    level = rng.uniform(lo, hi, len(genes))
     drivers = {}
     for s in ("human", "mouse"):
-        base[s][genes] = base_shared_drivers + rng.normal(0, 0.2, len(genes))
-        own = n_shared + rng.choice(n_spec, cfg.n_species_drivers, replace=False)
+        own = n_shared + rng.choice(cfg.n_genes - n_shared, cfg.n_species_drivers, replace=False)
+        base[s][genes] = level + rng.normal(0, 0.2, len(genes))
         base[s][own] = rng.uniform(lo, hi, len(own))
         g_all = np.r_[genes, own]
         d_all = np.r_[direction, np.where(np.arange(len(own)) % 2 == 0, 1.0, -1.0)]
         lfc = d_all * np.r_[magnitude * 2.0 ** rng.normal(0, 0.15, len(genes)), rng.uniform(1.0, 2.0, len(own))]
-        v = np.zeros(G)
-        v[g_all] = lfc
-        effects[s, "disease"] = v
+        effects[s, "disease"] = np.zeros(cfg.n_genes)
+        effects[s, "disease"][g_all] = lfc
         drivers[s] = pd.DataFrame({
             "species": s, "ensembl_id": var[s].index[g_all], "symbol": var[s].symbol.to_numpy()[g_all],
             "direction": np.where(d_all > 0, "up", "down"), "log_fold_change": lfc,
         })
-    return _Catalog(var, n_shared, base, theta, effects, tuple(STATES), size, shares, drivers)
+    return drivers
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,6 +532,7 @@ def _allocate(n: int, p: np.ndarray) -> np.ndarray:
 
 
 def _simulate_organ(cfg: DemoConfig, cat: _Catalog, o: Organ, rng: np.random.Generator) -> ad.AnnData:
+    """One organ's cells, following the generative model of the module docstring, in one vectorised pass."""
     n = cfg.n_cells(o)
     profiles = np.stack([_type_profile(cat, o.species, o.name, t) for t in o.cell_types])
     label = rng.permutation(np.repeat(np.arange(o.n_types), _allocate(n, cat.shares[o.key])))
