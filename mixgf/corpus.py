@@ -80,7 +80,8 @@ def merge_corpora(sources: list[Source], out_dir, vocab: GeneVocab, *, seed: int
     Columns: ``input_ids``, ``length``, ``species``, ``source`` (index into ``sources``) and ``row`` (row in that
     source), so every merged cell can be traced back. Writes ``lengths.npy`` (int32, row order) beside it.
     """
-    datasets = [_open_source(s) for s in sources]
+    opened = [_open_source(s) for s in sources]
+    datasets = [data for data, _ in opened]
     total = sum(len(d) for d in datasets)
     n_buckets = int(min(MAX_BUCKETS, max(1, -(-total // rows_per_bucket))))
     rng = np.random.default_rng(seed)
@@ -105,14 +106,19 @@ def merge_corpora(sources: list[Source], out_dir, vocab: GeneVocab, *, seed: int
         shutil.rmtree(buckets)
         if writer.rows == 0:
             raise ValueError(f"merging {', '.join(s.path for s in sources)} left no cells")
-        np.save(tmp / "lengths.npy", np.concatenate(lengths).astype(np.int32))
+        lengths = np.concatenate(lengths).astype(np.int32)
+        np.save(tmp / "lengths.npy", lengths)
+        medians = {k: v for _, meta in opened for k, v in meta.get("medians", {}).items()}
+        max_len = max([int(lengths.max())] + [meta["max_len"] for _, meta in opened if "max_len" in meta])
         writer.close({"format": 1, "species": sorted({s.species for s in sources}), "vocab": vocab.identity(),
-                      "seed": seed, "sources": [asdict(s) for s in summaries]} | (extra_metadata or {}))
+                      "medians": medians, "max_len": max_len, "seed": seed,
+                      "sources": [asdict(s) for s in summaries]} | (extra_metadata or {}))
     return summaries
 
 
 def _open_source(source: Source):
-    """The source's dataset; if it carries mixgf metadata, its vocabulary must be the one the source names."""
+    """The source's dataset and metadata (empty for a foreign dataset); mixgf metadata must name the source's
+    vocabulary."""
     from datasets import load_from_disk
 
     check_species(source.species)
@@ -122,14 +128,14 @@ def _open_source(source: Source):
         if meta["vocab"]["hash"] != source.vocab.hash:
             raise ValueError(f"{path}: was tokenized with vocabulary {meta['vocab']['name']} ({meta['vocab']['hash']}), "
                              f"not {source.vocab.name} ({source.vocab.hash}); name the vocabulary that made it")
-        return data
+        return data, meta
     try:
         data = load_from_disk(str(path))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{path}: not a Hugging Face dataset directory ({err})") from None
     if "input_ids" not in data.column_names:
         raise ValueError(f"{path}: has no 'input_ids' column; columns are {', '.join(data.column_names)}")
-    return data
+    return data, {}
 
 
 def _distribute(sources, datasets, vocab, summaries, buckets: Path, n_buckets, rng, batch_size, progress) -> None:

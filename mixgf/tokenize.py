@@ -204,7 +204,7 @@ def tokenize_files(inputs, out_dir, *, species: str, vocab: GeneVocab | None = N
                 bar.update(stop - start)
         if writer.rows == 0:
             raise InputError(f"{', '.join(inputs)}: no cell has counts on a vocabulary gene; nothing to tokenize")
-        writer.close({"format": 1, "species": species, "vocab": vocab.identity(), "medians": medians.identity(),
+        writer.close({"format": 1, "species": species, "vocab": vocab.identity(), "medians": {species: medians.identity()},
                       "max_len": max_len, "normalized": normalized, "files": [s.to_dict() for s in summaries]})
     return TokenizeResult(Path(out_dir), summaries)
 

@@ -65,6 +65,7 @@ def test_merge_of_foreign_vocabularies_equals_direct_tokenization(mouse_h5ad, fo
     expressing = sum(alien in ids for ids in foreign_tokens)
     assert summaries[1].tokens_missing == expressing > 0 and summaries[1].genes_missing == 1
     assert summaries[0].tokens_missing == 0 and meta["sources"][1]["tokens_missing"] == expressing
+    assert set(meta["medians"]) == {"human", "mouse"} and meta["max_len"] == 2048
     assert len(mix) == sum(s.cells - s.cells_empty_after_remap for s in summaries)
 
 

@@ -67,7 +67,7 @@ def test_hand_computed_token_ids(tmp_path):
     assert ds["length"] == [3, 1, 3] and ds["cell_id"] == ["c0", "c1", "c3"] and set(ds["species"]) == {"human"}
     summary = result.files[0]
     assert (summary.cells, summary.cells_kept, summary.dropped_zero_counts) == (4, 3, 1)
-    assert meta["max_len"] == 3 and meta["vocab"]["hash"] == VOCAB.hash and meta["medians"]["hash"] == medians.hash
+    assert meta["max_len"] == 3 and meta["vocab"]["hash"] == VOCAB.hash and meta["medians"]["human"]["hash"] == medians.hash
 
 
 def test_n_counts_from_obs_and_filter_pass(tmp_path):

@@ -1,0 +1,265 @@
+"""Mix-Geneformer: a BERT encoder pretrained with masked-gene prediction plus SimCSE (SPEC §4).
+
+Read top to bottom: the config and its presets, the check that a token dataset fits a model, the two pooling
+rules, the NT-Xent loss, then the model. The state-dict names are those of ``transformers.BertForMaskedLM``
+(``bert.*``, ``cls.predictions.*``) plus ``bert.pooler.*``, so Geneformer V1 and Mouse-Geneformer checkpoints load
+as baselines and our checkpoints load in Geneformer's tools with ``BertForMaskedLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForPreTraining, BertConfig
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.bert.modeling_bert import BertModel, BertOnlyMLMHead, BertPreTrainedModel
+from transformers.utils import ModelOutput
+
+IGNORE_INDEX = -100  # label of positions that carry no MLM target (torch's cross-entropy default)
+POOLINGS = ("first", "mean")
+
+
+class MixGFConfig(BertConfig):
+    """A ``BertConfig`` plus the SimCSE settings and the identity of the data the model was trained on.
+
+    Parameters
+    ----------
+    simcse_tau
+        Temperature of the NT-Xent loss (the paper: 0.05).
+    simcse_weight
+        Weight of the SimCSE term in the total loss (the paper: 1). 0 switches SimCSE off and skips the second pass,
+        which gives the Geneformer-style MLM-only baselines.
+    pooling
+        Cell embedding for SimCSE: ``"first"`` is BERT's pooler, tanh(Linear(h[:, 0])), as in the paper (with no
+        CLS token, position 0 is the top-ranked gene); ``"mean"`` is the mean of the last layer over non-pad genes.
+    gather_negatives
+        Under DDP, use every rank's views as negatives (all-gather). False reproduces the paper (per-device negatives).
+    vocab, medians
+        Identity (``{"name", "hash", "size"}``, ``GeneVocab.identity()``) of the vocabulary, and per species the
+        identity of the gene medians (``{"human": Medians.identity(), ...}``), that tokenized the pretraining corpus;
+        ``None`` for an imported checkpoint. A dataset of a species the model never saw is not checked for medians.
+    max_len
+        Maximum number of gene tokens per cell in the pretraining corpus.
+    **kwargs
+        ``BertConfig`` arguments (``vocab_size``, ``hidden_size``, ...).
+    """
+
+    model_type = "mixgf"
+
+    def __init__(
+        self,
+        simcse_tau: float = 0.05,
+        simcse_weight: float = 1.0,
+        pooling: str = "first",
+        gather_negatives: bool = False,
+        vocab: dict | None = None,
+        medians: dict | None = None,
+        max_len: int | None = None,
+        **kwargs,
+    ):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not simcse_tau > 0:
+            raise ValueError(f"simcse_tau must be positive, got {simcse_tau}")
+        if not simcse_weight >= 0:
+            raise ValueError(f"simcse_weight must be >= 0, got {simcse_weight}")
+        self.simcse_tau = simcse_tau
+        self.simcse_weight = simcse_weight
+        self.pooling = pooling
+        self.gather_negatives = gather_negatives
+        self.vocab = vocab
+        self.medians = medians
+        self.max_len = max_len
+        super().__init__(**kwargs)
+        if vocab is not None and vocab["size"] != self.vocab_size:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} differs from the size {vocab['size']} of vocabulary {vocab['name']!r}"
+            )
+        if max_len is not None and max_len > self.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds max_position_embeddings {self.max_position_embeddings}")
+
+
+AutoConfig.register("mixgf", MixGFConfig, exist_ok=True)
+
+_PAPER = dict(
+    num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=512, hidden_act="silu",
+    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=2048,
+    layer_norm_eps=1e-12, initializer_range=0.02,
+)
+_DEMO = {**_PAPER, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128,
+         "max_position_embeddings": 256}
+
+
+def _for_dataset(meta: dict) -> dict:
+    return dict(vocab=meta["vocab"], vocab_size=meta["vocab"]["size"], medians=meta.get("medians"), max_len=meta["max_len"])
+
+
+def paper_config(meta: dict, **overrides) -> MixGFConfig:
+    """The paper's architecture (SPEC §4: 6 x 256, 4 heads, silu, dropout 0.1) for the token dataset described by ``meta``.
+
+    ``meta`` is the token dataset's metadata, ``{"vocab": {...}, "medians": {...}, "max_len": int}``; ``overrides``
+    are any ``MixGFConfig`` arguments, e.g. ``simcse_weight=0`` for the MLM-only baselines.
+    """
+    return MixGFConfig(**{**_PAPER, **_for_dataset(meta), **overrides})
+
+
+def demo_config(meta: dict, **overrides) -> MixGFConfig:
+    """A tiny model (2 x 64, 2 heads, 256 positions) for the demo profile and tests; otherwise as :func:`paper_config`."""
+    return MixGFConfig(**{**_DEMO, **_for_dataset(meta), **overrides})
+
+
+PRESETS = {"paper": paper_config, "demo": demo_config}
+
+
+def check_token_dataset(config: MixGFConfig, meta: dict, source: str = "the token dataset") -> None:
+    """Raise ``ValueError`` unless a token dataset (its metadata ``meta``) was made with the model's vocabulary,
+    gene medians and maximum length; ``source`` names the dataset in the message."""
+    vocab = meta["vocab"]
+    if config.vocab is None:
+        raise ValueError(
+            f"the model records no vocabulary, so {source} (vocabulary {vocab['name']!r}) cannot be checked against it; "
+            "if the checkpoint was trained on that vocabulary, set model.config.vocab = vocab.identity()"
+        )
+    if (vocab["hash"], vocab["size"]) != (config.vocab["hash"], config.vocab["size"]):
+        raise ValueError(
+            f"{source} was tokenized with vocabulary {vocab['name']!r} ({vocab['size']} tokens, hash {vocab['hash']}) "
+            f"but the model uses {config.vocab['name']!r} ({config.vocab['size']} tokens, hash {config.vocab['hash']}); "
+            "tokenize the cells with the model's vocabulary"
+        )
+    for species, medians in (meta.get("medians") or {}).items():
+        trained = (config.medians or {}).get(species)
+        if trained is not None and medians is not None and medians["hash"] != trained["hash"]:
+            raise ValueError(
+                f"{source} normalized its {species} cells with gene medians {medians['name']!r} ({medians['hash']}) "
+                f"but the model was trained with {trained['name']!r} ({trained['hash']}); tokenize the cells with "
+                "the model's medians"
+            )
+    if meta["max_len"] > config.max_position_embeddings:
+        raise ValueError(
+            f"{source} keeps up to {meta['max_len']} genes per cell but the model has {config.max_position_embeddings} "
+            "positions; tokenize with a smaller max_len"
+        )
+    if config.max_len is not None and meta["max_len"] != config.max_len:
+        raise ValueError(
+            f"{source} keeps up to {meta['max_len']} genes per cell but the model was trained on up to {config.max_len}; "
+            f"tokenize with max_len={config.max_len}"
+        )
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` (N, L, H) over the positions where ``attention_mask`` (N, L) is 1: a cell's gene average."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _gather_with_local_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``z`` concatenated in rank order, and where this rank's rows start.
+
+    all_gather returns tensors without autograd history, so this rank's slot is replaced by ``z`` itself: the
+    gradient flows through the local views only, each rank owning its share of the loss (as in SimCLR's DDP code).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z, 0
+    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, z.detach().contiguous())
+    parts[dist.get_rank()] = z
+    return torch.cat(parts), dist.get_rank() * len(z)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float, *, gather: bool = False) -> torch.Tensor:
+    """NT-Xent (SimCLR) loss over the 2N views ``z1``, ``z2`` (N, H) of N cells.
+
+    Each view's positive is the other view of its cell and every other view is a negative; similarity is cosine / tau.
+    With ``gather`` the views of all DDP ranks serve as negatives. Computed in float32 even under autocast, since
+    bf16 cosines divided by a small tau would lose the differences the loss is about.
+    """
+    with torch.autocast(z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)  # (2N, H)
+        keys, offset = _gather_with_local_grad(z) if gather else (z, 0)
+        sim = z @ keys.T / tau  # (2N, 2N x world)
+        rows = torch.arange(len(z), device=z.device)
+        is_self = torch.zeros_like(sim, dtype=torch.bool)
+        is_self[rows, offset + rows] = True
+        positives = offset + (rows + len(z1)) % len(z)
+        return F.cross_entropy(sim.masked_fill(is_self, float("-inf")), positives)
+
+
+@dataclass
+class MixGFPretrainingOutput(ModelOutput):
+    """``loss`` = ``loss_mlm`` + simcse_weight x ``loss_simcse``, set only when labels are given.
+
+    ``logits`` are (N, L, vocab) without labels, as in ``BertForMaskedLM``; with labels they are computed only at the
+    masked positions, (n_masked, vocab) in row-major order of ``labels != -100``: with ~82k genes the output layer
+    would otherwise dominate the cost of a step.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_mlm: torch.Tensor | None = None
+    loss_simcse: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class MixGFForPretraining(BertPreTrainedModel):
+    """BERT encoder + pooler + MLM head, trained on MLM + SimCSE (the SimCSE term is skipped when its weight is 0)."""
+
+    config_class = MixGFConfig
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: MixGFConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)  # keeps the pooler: SimCSE's "first" pooling is BERT's pooler
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: torch.nn.Linear) -> None:
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    def pool(self, outputs: BaseModelOutputWithPooling, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Cell embeddings (N, H) from the encoder's outputs, by ``config.pooling``."""
+        if self.config.pooling == "first":
+            return outputs.pooler_output
+        return mean_pool(outputs.last_hidden_state, attention_mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> MixGFPretrainingOutput:
+        """Encode ``input_ids`` (N, L); with ``labels`` (N, L; -100 where not masked) also return the losses.
+
+        SimCSE's two dropout passes run as one pass over the batch stacked on itself: every row draws its own
+        dropout masks, so this equals two passes and keeps one large matmul per layer. MLM uses the first view only.
+        """
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        simcse = labels is not None and self.config.simcse_weight > 0
+        if simcse:
+            input_ids, attention_mask = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
+        outputs = self.bert(input_ids, attention_mask=attention_mask)
+        hidden = outputs.last_hidden_state
+        if labels is None:
+            return MixGFPretrainingOutput(logits=self.cls(hidden))
+
+        masked = labels != IGNORE_INDEX
+        logits = self.cls(hidden[: len(labels)][masked])
+        loss_mlm = F.cross_entropy(logits.float(), labels[masked])
+        if not simcse:
+            return MixGFPretrainingOutput(loss=loss_mlm, loss_mlm=loss_mlm, logits=logits)
+        z1, z2 = self.pool(outputs, attention_mask).chunk(2)
+        loss_simcse = nt_xent(z1, z2, self.config.simcse_tau, gather=self.config.gather_negatives)
+        loss = loss_mlm + self.config.simcse_weight * loss_simcse
+        return MixGFPretrainingOutput(loss=loss, loss_mlm=loss_mlm, loss_simcse=loss_simcse, logits=logits)
+
+
+AutoModelForPreTraining.register(MixGFConfig, MixGFForPretraining, exist_ok=True)
