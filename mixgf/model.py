@@ -263,3 +263,38 @@ class MixGFForPretraining(BertPreTrainedModel):
 
 
 AutoModelForPreTraining.register(MixGFConfig, MixGFForPretraining, exist_ok=True)
+
+
+def import_bert_checkpoint(path, source_vocab, target_vocab, meta: dict) -> MixGFForPretraining:
+    """A Geneformer-style ``BertForMaskedLM`` checkpoint (e.g. Geneformer V1, Mouse-Geneformer) as an MLM-only model
+    in ``target_vocab``, for the token dataset described by ``meta``.
+
+    The checkpoint's gene embeddings and output rows are moved to the target ids of the same genes
+    (``source_vocab`` is the vocabulary it was trained with); genes it never saw keep fresh initial rows, and so does
+    the pooler, which ``BertForMaskedLM`` lacks.
+    """
+    from transformers import BertForMaskedLM
+
+    source = BertForMaskedLM.from_pretrained(path)
+    if source.config.vocab_size != len(source_vocab):
+        raise ValueError(f"{path}: has {source.config.vocab_size} tokens but vocabulary {source_vocab.name!r} has "
+                         f"{len(source_vocab)}; name the vocabulary the checkpoint was trained with")
+    bert_args = {k: v for k, v in source.config.to_dict().items() if k in BertConfig().to_dict()
+                 and k not in ("model_type", "architectures", "transformers_version", "vocab_size")}
+    model = MixGFForPretraining(MixGFConfig(**bert_args, **_for_dataset(meta), simcse_weight=0.0))
+    if model.config.vocab_size != len(target_vocab):
+        raise ValueError(f"the token dataset's vocabulary has {model.config.vocab_size} tokens, "
+                         f"not the {len(target_vocab)} of {target_vocab.name!r}")
+    target_ids = target_vocab.ids(source_vocab.tokens)
+    shared = target_ids >= 0
+    state = source.state_dict()
+    with torch.no_grad():
+        for name in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias"):  # rows indexed by gene
+            model.state_dict()[name][torch.from_numpy(target_ids[shared])] = state.pop(name)[torch.from_numpy(shared)]
+        state.pop("cls.predictions.decoder.weight", None)  # tied to the word embeddings
+        state.pop("cls.predictions.decoder.bias", None)  # tied to cls.predictions.bias
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+    if unexpected:
+        raise ValueError(f"{path}: weights {unexpected[:3]} have no place in a BERT encoder + MLM head")
+    return model

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -31,10 +30,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from mixgf.collate import LengthGroupedBatches, MLMCollator
+from mixgf.io import atomic_dir
 from mixgf.model import MixGFForPretraining, check_token_dataset
+from mixgf.vocab import GeneVocab
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_DIR = "model"
+VOCAB_FILE = "vocab.tsv"
 
 
 @dataclass
@@ -195,6 +197,17 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_matches(out_dir: str | Path, model_config, cfg: PretrainConfig, dataset: Dataset) -> bool:
+    """Whether ``out_dir`` holds a checkpoint of exactly this run: same model config, optimisation settings and
+    corpus. A pipeline resumes only then; anything else (a changed parameter, a new corpus) starts over."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return (state["model_config"] == _architecture(model_config) and state["pretrain_config"] == asdict(cfg)
+            and state.get("dataset") == dataset._fingerprint)
+
+
 def _load_checkpoint(path: Path, model: MixGFForPretraining, optimizer: torch.optim.Optimizer,
                      batches: LengthGroupedBatches) -> tuple[int, list[dict]]:
     """Restore model, optimizer and batch position from ``path``; return the step and every rank's RNG states."""
@@ -212,13 +225,12 @@ def _load_checkpoint(path: Path, model: MixGFForPretraining, optimizer: torch.op
     return state["step"], state["rng"]
 
 
-def _save_pretrained_atomic(model: MixGFForPretraining, path: Path) -> None:
-    """``save_pretrained`` into a temp dir beside ``path``, then swap it in, so no reader sees half a model."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+def save_model(model: MixGFForPretraining, path: str | Path, vocab: GeneVocab | None = None) -> None:
+    """``save_pretrained`` plus the vocabulary (``vocab.tsv``) into one directory that appears whole or not at all."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if vocab is not None:
+            vocab.write(tmp / VOCAB_FILE)
 
 
 def _lengths(dataset: Dataset) -> np.ndarray:
@@ -234,7 +246,8 @@ def _lengths(dataset: Dataset) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: PretrainConfig, out_dir: str | Path, *,
-             resume: bool = True, log_dir: str | Path | None = None) -> PretrainResult:
+             resume: bool = True, log_dir: str | Path | None = None, model_dir: str | Path | None = None,
+             vocab: GeneVocab | None = None) -> PretrainResult:
     """Pretrain ``model`` on ``dataset`` with MLM (+ SimCSE unless ``model.config.simcse_weight`` is 0).
 
     Parameters
@@ -254,6 +267,10 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
         the checkpoint, so across nodes it must be on a shared file system.
     resume
         Continue from ``out_dir/checkpoint.pt`` if it exists; otherwise start at step 0 (overwriting it).
+    vocab
+        The vocabulary of the corpus; saved with the final model, so the model directory is self-describing.
+    model_dir
+        Where the final model goes (default ``out_dir/model``), e.g. apart from a checkpoint folder that persists.
     log_dir
         dvclive directory for loss, loss_mlm, loss_simcse, lr and tokens_per_s (non-pad tokens over all ranks);
         ``None`` logs nothing. Values are averages over the ``log_every`` steps before each logged step. Note that
@@ -268,6 +285,7 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
     proc = _start_process()
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT
+    model_dir = Path(model_dir) if model_dir is not None else out_dir / MODEL_DIR
 
     model.to(proc.device)
     optimizer = configure_optimizer(model, cfg)
@@ -341,15 +359,16 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
                     "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "batches": batches.state_dict(), "rng": rng_states,
                     "model_config": _architecture(model.config), "pretrain_config": asdict(cfg),
+                    "dataset": dataset._fingerprint,
                 })
     bar.close()
 
     if proc.is_main:
-        _save_pretrained_atomic(model, out_dir / MODEL_DIR)
+        save_model(model, model_dir, vocab)
     if live:
         live.end()
     if proc.world_size > 1:
         dist.barrier()
     if proc.owns_group:
         dist.destroy_process_group()
-    return PretrainResult(model=model, step=step, metrics=metrics, model_dir=out_dir / MODEL_DIR)
+    return PretrainResult(model=model, step=step, metrics=metrics, model_dir=model_dir)

@@ -142,3 +142,27 @@ def test_saved_model_loads_as_bert_for_masked_lm(tmp_path):
         reloaded = MixGFForPretraining.from_pretrained(tmp_path).eval()
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
     assert reloaded.config.vocab == VOCAB.identity() and reloaded.config.pooling == "first"
+
+
+def test_import_bert_checkpoint_moves_gene_rows_to_the_unified_ids(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from mixgf.model import import_bert_checkpoint
+
+    genes = default_vocab().tokens[2:40]
+    source_vocab = GeneVocab(("<pad>", "<mask>", *genes[::-1]), name="checkpoint-order")  # its own id order
+    target_vocab = GeneVocab(("<pad>", "<mask>", *genes, *default_vocab().tokens[-5:]), name="target")
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(source_vocab), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=16))
+    bert.save_pretrained(tmp_path / "ckpt")
+    bert.eval()
+    meta = {"vocab": target_vocab.identity(), "medians": {}, "max_len": 16}
+    model = import_bert_checkpoint(tmp_path / "ckpt", source_vocab, target_vocab, meta).eval()
+    cells = [list(genes[:10]), list(genes[5:15])]
+    with torch.no_grad():
+        ours = model(torch.tensor([target_vocab.ids(c) for c in cells])).logits
+        theirs = bert(torch.tensor([source_vocab.ids(c) for c in cells])).logits
+    shared = target_vocab.ids(source_vocab.tokens)
+    assert torch.allclose(ours[..., torch.from_numpy(shared)], theirs, atol=1e-5)
+    assert model.config.simcse_weight == 0 and model.config.vocab == target_vocab.identity()
