@@ -42,7 +42,9 @@ def main(argv=None):
     model = MixGFForPretraining(PRESETS[params["model"]["preset"]](meta, **overrides, **params["model"]["overrides"]))
     cfg = PretrainConfig(**params["pretrain"], seed=params["seed"])
     resume = checkpoint_matches(args.state, model.config, cfg, dataset)
-    if not resume:
+    if resume:
+        print(f"{args.name}: resuming from the checkpoint in {args.state}")
+    else:
         shutil.rmtree(args.state, ignore_errors=True)
     result = pretrain(model, dataset, meta, cfg, args.state, resume=resume, log_dir=args.logs, model_dir=args.out,
                       vocab=vocab)

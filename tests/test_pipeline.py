@@ -28,7 +28,10 @@ def _copy_repo(tmp_path: Path, profile: str) -> Path:
     params["profile"] = profile
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / "dvc.lock").unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=repo, check=True)  # as a user's clone: not an empty repo
     return repo
 
 
@@ -87,3 +90,64 @@ def test_paper_profile_names_every_missing_input(tmp_path):
     for key in ("genecorpus_30m", "mouse_genecorpus_20m", "mouse_token_dictionary"):
         assert f"inputs.{key}" in run.stderr
     assert "ctheodoris/Genecorpus-30M" in run.stderr and not (repo / "c").exists()
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_pretrained_models_load_as_bert_and_log_curves(tiny_repo):
+    from transformers import BertForMaskedLM
+
+    for name in ("mixgf", "geneformer", "mouse_geneformer"):
+        model_dir = tiny_repo / "models" / "pretrain" / name
+        assert BertForMaskedLM.from_pretrained(model_dir).config.vocab_size == 82_606
+        assert (model_dir / "vocab.tsv").exists()
+        metrics = json.loads((tiny_repo / "logs" / "pretrain" / name / "metrics.json").read_text())
+        assert metrics["step"] == 6 and ("loss_simcse" in metrics) == (name == "mixgf")
+
+
+def test_only_mixgf_depends_on_simcse_parameters(tiny_repo, tmp_path):
+    params_file = tiny_repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["simcse"]["tau"] = 0.1
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(_run(tiny_repo, "-m", "dvc", "status", "--json").stdout)
+    finally:
+        params_file.write_text(original)
+    assert set(status) == {"pretrain_mixgf"}
+
+
+def test_killed_pretraining_resumes_under_dvc_repro_to_the_same_weights(tiny_repo):
+    finished = _weights(tiny_repo / "models" / "pretrain" / "mixgf")
+    shutil.rmtree(tiny_repo / "checkpoints" / "pretrain" / "mixgf")
+    stage = yaml.safe_load((tiny_repo / "dvc.yaml").read_text())["stages"]["pretrain_mixgf"]["cmd"].split()[2:]
+    kill_at_step_4 = (
+        "import os, signal, sys\n"
+        "sys.path.insert(0, 'stages')\n"
+        "import mixgf.pretrain as p\n"
+        "real = p.lr_at\n"
+        "def lr_at(step, cfg, total):\n"
+        "    if step == 4:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(step, cfg, total)\n"
+        "p.lr_at = lr_at\n"
+        "import pretrain\n"
+        f"pretrain.main({stage!r})\n"
+    )
+    killed = _run(tiny_repo, "-c", kill_at_step_4)
+    assert killed.returncode == -9
+    import torch
+
+    checkpoint = tiny_repo / "checkpoints" / "pretrain" / "mixgf" / "checkpoint.pt"
+    assert torch.load(checkpoint, weights_only=True)["step"] == 3
+    run = _run(tiny_repo, "-m", "dvc", "repro", "pretrain_mixgf")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "mixgf: resuming from the checkpoint" in run.stdout
+    resumed = _weights(tiny_repo / "models" / "pretrain" / "mixgf")
+    assert finished.keys() == resumed.keys()
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
