@@ -19,7 +19,9 @@ bits are dropped; adjacent genes whose truncated values collide are then re-orde
 from __future__ import annotations
 
 import multiprocessing as mp
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from mixgf.io import atomic_dir
+from mixgf.settings import settings
 from mixgf.readers import CellFile, InputError, open_cells, resolve_gene_ids, suggest_gene_columns
 from mixgf.tokens import TokenDatasetWriter
 from mixgf.vocab import GeneVocab, Medians, check_species, default_vocab, load_medians
@@ -41,12 +44,12 @@ TARGET_SUM = 10_000
 # ---------------------------------------------------------------------------------------------------------------
 
 def rank_encode(counts: sp.csr_matrix, n_counts: np.ndarray, gene_tokens: np.ndarray, gene_medians: np.ndarray,
-                max_len: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+                max_len: int = 2048, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Rank-value encode the rows of ``counts``.
 
     ``gene_tokens[j]`` is the token id of column ``j`` (-1: not tokenized), ``gene_medians[j]`` its median.
     Returns ``(offsets, tokens)``: the tokens of row ``i`` are ``tokens[offsets[i]:offsets[i + 1]]`` (int32),
-    at most ``max_len`` per row. Rows may come back empty.
+    at most ``max_len`` per row. Rows may come back empty. ``threads`` > 1 sorts blocks of rows in parallel.
     """
     counts = counts if counts.has_sorted_indices else counts.sorted_indices()
     ptr, cols, data = counts.indptr.astype(np.int64), counts.indices, counts.data
@@ -57,52 +60,91 @@ def rank_encode(counts: sp.csr_matrix, n_counts: np.ndarray, gene_tokens: np.nda
         ptr = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))[ptr]
     per_row = np.diff(ptr)
 
-    # float64 whatever the input dtype, as Geneformer's float32 / float64 n_counts gives
-    values = data / np.repeat(n_counts.astype(np.float64), per_row) * TARGET_SUM / gene_medians[cols]
-    keys, low_bits = _sort_keys(values)
-    for a, b in zip(ptr[:-1].tolist(), ptr[1:].tolist()):
-        keys[a:b].sort()
+    # Within a cell, count / median orders genes as the value does (the cell's factor 10,000 / n_counts is
+    # common), up to rounding: _fix_near_ties re-orders, by the exact value, genes whose keys are within rounding.
+    keys, low_bits, shift = _sort_keys(data / gene_medians[cols])
+    _sort_rows(keys, ptr, threads)
     element = keys & ((1 << low_bits) - 1)  # a within-row sort leaves every element inside its row
-    _fix_collisions(keys, element, values, ptr, low_bits)
+    _fix_near_ties(keys >> low_bits, element, ptr, shift,
+                   same_input=lambda a, b: (data[a] == data[b]) & (gene_medians[cols[a]] == gene_medians[cols[b]]),
+                   exact_value=lambda e, row: data[e] / n_counts[row] * TARGET_SUM / gene_medians[cols[e]])
 
     lengths = np.minimum(per_row, max_len)
     offsets = np.zeros(len(per_row) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     if (lengths < per_row).any():
-        rank = np.arange(len(element)) - np.repeat(ptr[:-1], per_row)
-        element = element[rank < max_len]
+        top = np.ones(len(element), dtype=bool)
+        for a, b in zip(ptr[:-1][per_row > max_len].tolist(), ptr[1:][per_row > max_len].tolist()):
+            top[a + max_len:b] = False
+        element = element[top]
     return offsets, tokens[element].astype(np.int32, copy=False)
 
 
-def _sort_keys(values: np.ndarray) -> tuple[np.ndarray, int]:
-    """int64 keys that sort by value descending, then element index; and the number of index bits.
+def _sort_rows(keys: np.ndarray, ptr: np.ndarray, threads: int) -> None:
+    """Sort each row's slice of ``keys`` in place; numpy releases the GIL while sorting, so threads scale."""
+    bounds = list(zip(ptr[:-1].tolist(), ptr[1:].tolist()))
+
+    def sort(block):
+        for a, b in block:
+            keys[a:b].sort()
+
+    if threads == 1 or len(bounds) < 2 * threads:
+        sort(bounds)
+        return
+    step = -(-len(bounds) // threads)
+    list(_thread_pool(threads).map(sort, [bounds[i:i + step] for i in range(0, len(bounds), step)]))
+
+
+@cache
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="mixgf-sort")
+
+
+def _sort_keys(values: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """int64 keys that sort by value descending, then element index; the number of index bits; and how many low
+    bits of the values' float64 patterns were dropped to make room.
 
     A row's elements are contiguous and in column order, so the index breaks ties by input position.
     """
     low_bits = max(len(values).bit_length(), 1)
     bits = values.view(np.int64)  # positive finite floats: bit patterns sort like the values
     if len(bits) == 0:
-        return bits.copy(), low_bits
+        return bits.copy(), low_bits, 0
     top = int(bits.max())
     shift = max(0, (top - int(bits.min())).bit_length() - (63 - low_bits))
-    return (((top - bits) >> shift) << low_bits) | np.arange(len(bits)), low_bits
+    keys = np.subtract(top, bits)
+    keys >>= shift
+    keys <<= low_bits
+    keys |= np.arange(len(bits))
+    return keys, low_bits, shift
 
 
-def _fix_collisions(keys, element, values, ptr, low_bits) -> None:
-    """Re-order, exactly, neighbours in a row whose truncated value codes collided but whose values differ."""
-    code = keys >> low_bits
-    row_start = np.zeros(len(keys) + 1, dtype=bool)
-    row_start[ptr] = True
-    same = (code[1:] == code[:-1]) & ~row_start[1:-1]  # same[i]: elements i and i + 1 share a code and a row
-    candidates = np.flatnonzero(same)
-    for i in candidates[values[element[candidates]] != values[element[candidates + 1]]]:
+_ROUNDING_ULPS = 64  # the exact value and count / median agree in order unless within this many float64 ulps
+
+
+def _fix_near_ties(code, element, ptr, shift, *, same_input, exact_value) -> None:
+    """Re-order by ``exact_value(elements, row)`` (descending, then input position) every run of neighbours in a
+    row whose keys are too close for their order to be certain (codes within rounding distance), unless the run is
+    only exact ties of identical count and median, which the keys already order by input position."""
+    gap = np.diff(code)
+    near = gap <= 1 + (_ROUNDING_ULPS >> shift)  # codes are ascending within a row, so gap >= 0 there
+    starts = ptr[1:-1]
+    near[starts[(starts > 0) & (starts < len(code))] - 1] = False  # neighbours across a row boundary
+    candidates = np.flatnonzero(near)
+    suspects = candidates[~same_input(element[candidates], element[candidates + 1])]
+    fixed_until = 0
+    for i in suspects.tolist():
+        if i < fixed_until:
+            continue
         start, stop = i, i + 2
-        while start > 0 and same[start - 1]:
+        while start > 0 and near[start - 1]:
             start -= 1
-        while stop < len(keys) and same[stop - 1]:
+        while stop < len(code) and near[stop - 1]:
             stop += 1
         run = element[start:stop]
-        element[start:stop] = run[np.lexsort((run, -values[run]))]  # value descending, then input position
+        value = exact_value(run, np.searchsorted(ptr, start, side="right") - 1)
+        element[start:stop] = run[np.lexsort((run, -value))]
+        fixed_until = stop
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,6 +196,7 @@ class _Plan:
     merge: sp.csr_matrix | None  # columns -> unique genes, when duplicates are summed
     normalized: bool
     max_len: int
+    threads: int  # sorting threads per process
 
 
 @dataclass
@@ -187,7 +230,8 @@ def tokenize_files(inputs, out_dir, *, species: str, vocab: GeneVocab | None = N
     for path in inputs:
         plan, summary, obs = _plan_file(path, species, vocab, medians, max_len=max_len, obs_keys=tuple(obs_keys),
                                         counts=counts, gene_column=gene_column, normalized=normalized,
-                                        sum_duplicates=sum_duplicates, min_mapped=min_mapped)
+                                        sum_duplicates=sum_duplicates, min_mapped=min_mapped,
+                                        threads=max(1, settings.n_threads // max(1, workers)))
         plans.append(plan), summaries.append(summary), metadata.append(obs)
 
     tasks = [(i, start, min(start + chunk_size, s.cells)) for i, s in enumerate(summaries)
@@ -210,7 +254,7 @@ def tokenize_files(inputs, out_dir, *, species: str, vocab: GeneVocab | None = N
 
 
 def _plan_file(path, species, vocab, medians, *, max_len, obs_keys, counts, gene_column, normalized,
-               sum_duplicates, min_mapped):
+               sum_duplicates, min_mapped, threads):
     cells = open_cells(path, counts=counts)
     try:
         if cells.n_obs == 0 or cells.var.shape[0] == 0:
@@ -245,7 +289,7 @@ def _plan_file(path, species, vocab, medians, *, max_len, obs_keys, counts, gene
             obs[k] = column.astype(str).to_numpy() if isinstance(column.dtype, pd.CategoricalDtype) else column.to_numpy()
     finally:
         cells.close()
-    plan = _Plan(str(path), counts, tokens, medians_of, merge, normalized, max_len)
+    plan = _Plan(str(path), counts, tokens, medians_of, merge, normalized, max_len, threads)
     summary = FileSummary(str(path), ids.source, len(genes), int((tokens >= 0).sum()), cells.n_obs)
     return plan, summary, obs
 
@@ -312,7 +356,7 @@ def _encode_chunk(task) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     usable = passes & positive
     if not usable.all():
         x = x[usable]
-    offsets, tokens = rank_encode(x, n_counts[usable], plan.gene_tokens, plan.gene_medians, plan.max_len)
+    offsets, tokens = rank_encode(x, n_counts[usable], plan.gene_tokens, plan.gene_medians, plan.max_len, plan.threads)
     nonempty = np.diff(offsets) > 0
     kept = np.flatnonzero(usable)[nonempty]
     lengths = np.diff(offsets)[nonempty]

@@ -8,11 +8,11 @@ maximum length that made the tokens, so a model can refuse a dataset made with a
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
+import xxhash
 
 from mixgf.io import read_json, write_json_atomic
 
@@ -27,7 +27,7 @@ class TokenDatasetWriter:
         self.features, self.schema, self._stream, self._sink = None, None, None, None
         self.shards: list[Path] = []
         self.rows, self._shard_bytes = 0, 0
-        self._digest = hashlib.sha256()
+        self._digest = xxhash.xxh3_128()  # content fingerprint: what a checkpoint records of its corpus
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self.schema is None:
@@ -70,7 +70,7 @@ class TokenDatasetWriter:
         names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
         for shard, name in zip(self.shards, names):
             shard.rename(self.directory / name)
-        state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": self._digest.hexdigest()[:16],
+        state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": self._digest.hexdigest(),
                  "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
                  "_output_all_columns": False, "_split": None}
         info = asdict(DatasetInfo(features=self.features))

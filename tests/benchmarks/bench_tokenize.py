@@ -5,12 +5,14 @@
 Cells are 10x-like: each synthetic cell takes the non-zero counts of a real PBMC cell (scconvert pbmc_demo,
 raw counts) and repeats them to about 2,000 detected genes, placed on random genes of 20,000 human genes of the
 Geneformer V1 vocabulary. The h5ad is written in chunks, so any number of cells fits in memory.
-Prints cells/s and the peak resident memory of the tokenizing process (and of its workers).
+Prints cells/s and the peak resident memory of the largest tokenizing process (a fresh one; workers included).
 """
 
 import argparse
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +23,6 @@ import numpy as np
 import pandas as pd
 from anndata.io import write_elem
 
-from mixgf.tokenize import tokenize_files
 from mixgf.vocab import default_medians
 
 
@@ -52,6 +53,17 @@ def write_cells(path: Path, n_cells: int, shared: Path, *, n_genes=20_000, detec
         x.create_dataset("indptr", data=np.array(indptr, dtype=np.int64))
 
 
+TOKENIZE = """
+import resource, sys, time
+from mixgf.vocab import default_medians
+default_medians("human")
+t0 = time.perf_counter()
+result = tokenize_files([sys.argv[1]], sys.argv[2], species="human", workers=int(sys.argv[3]), progress=False)
+seconds = time.perf_counter() - t0
+print(result.n_cells, seconds)
+"""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=200_000)
@@ -65,15 +77,13 @@ def main():
         write_cells(tmp / "cells.h5ad", args.cells, args.shared)
         size = (tmp / "cells.h5ad").stat().st_size
         print(f"wrote {args.cells:,} cells ({size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s")
-        default_medians("human")  # load bundled resources before timing
-        t0 = time.perf_counter()
-        result = tokenize_files([tmp / "cells.h5ad"], tmp / "tokens", species="human", workers=args.workers,
-                                progress=False)
-        seconds = time.perf_counter() - t0
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-        print(f"tokenized {result.n_cells:,} cells in {seconds:.1f} s: {result.n_cells / seconds:,.0f} cells/s, "
-              f"workers={args.workers}, peak RSS {own:.2f} GiB (largest worker {children:.2f} GiB)")
+        # a fresh process, so its peak memory is the tokenizer's alone (workers included)
+        run = subprocess.run([sys.executable, "-c", TOKENIZE, str(tmp / "cells.h5ad"), str(tmp / "tokens"),
+                              str(args.workers)], capture_output=True, text=True, check=True)
+        n_cells, seconds = run.stdout.split()
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        print(f"tokenized {int(n_cells):,} cells in {float(seconds):.1f} s: {int(n_cells) / float(seconds):,.0f} cells/s, "
+              f"workers={args.workers}, peak RSS of the largest process {peak:.2f} GiB")
     finally:
         shutil.rmtree(tmp)
 
