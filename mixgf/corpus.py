@@ -97,11 +97,14 @@ def merge_corpora(sources: list[Source], out_dir, vocab: GeneVocab, *, seed: int
             table = _read_bucket(buckets / f"{b:05d}.arrow")
             if table is None:
                 continue
-            table = table.take(pa.array(rng.permutation(table.num_rows)))
-            for batch in table.to_batches(max_chunksize=batch_size):
-                writer.write(batch)
-            lengths.append(table.column("length").to_numpy())
+            table = table.combine_chunks()
+            order = rng.permutation(table.num_rows)
+            for start in range(0, len(order), batch_size):  # permuted a batch at a time: one bucket in memory
+                for batch in table.take(pa.array(order[start:start + batch_size])).to_batches():
+                    writer.write(batch)
+            lengths.append(table.column("length").to_numpy()[order])
             del table
+            pa.default_memory_pool().release_unused()  # else the allocator keeps every bucket's memory cached
             (buckets / f"{b:05d}.arrow").unlink()
         shutil.rmtree(buckets)
         if writer.rows == 0:
@@ -149,10 +152,8 @@ def _distribute(sources, datasets, vocab, summaries, buckets: Path, n_buckets, r
         for index, (source, data, summary) in enumerate(zip(sources, datasets, summaries)):
             table = remap_table(source.vocab, vocab)
             summary.genes_missing = int((table[2:] < 0).sum())
-            arrow = data.data.table.select(["input_ids"])
             start = 0
-            for batch in arrow.to_batches(max_chunksize=batch_size):
-                ids = batch.column(0)
+            for ids in _input_ids_batches(data, batch_size):
                 remapped, missing = remap_input_ids(ids, table)
                 lengths = pc.list_value_length(remapped).to_numpy(zero_copy_only=False).astype(np.int32)
                 n = len(lengths)
@@ -180,6 +181,21 @@ def _distribute(sources, datasets, vocab, summaries, buckets: Path, n_buckets, r
             sink.close()
 
 
+def _input_ids_batches(data, batch_size: int):
+    """The ``input_ids`` column in slices of ``batch_size`` rows, read from the dataset's Arrow files in order.
+
+    Plain reads rather than the dataset's memory map: every page of a mapped corpus that has been read stays
+    resident, so memory would grow with the corpus.
+    """
+    for file in data.cache_files:
+        with pa.OSFile(file["filename"]) as source:
+            for batch in pa.ipc.open_stream(source):
+                ids = batch.column("input_ids")
+                for start in range(0, len(ids), batch_size):
+                    yield ids.slice(start, batch_size)
+
+
 def _read_bucket(path: Path) -> pa.Table | None:
-    table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()  # zero-copy views of the mapped file
+    with pa.OSFile(str(path)) as source:
+        table = pa.ipc.open_stream(source).read_all()
     return table if table.num_rows else None

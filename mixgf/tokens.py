@@ -41,10 +41,7 @@ class TokenDatasetWriter:
         self._stream.write_batch(batch)
         self._shard_bytes += batch.nbytes
         self.rows += batch.num_rows
-        for column in batch.columns:
-            for buffer in column.buffers():
-                if buffer is not None:
-                    self._digest.update(memoryview(buffer))
+        self._digest.update(batch.serialize())  # the IPC bytes: exactly this batch's rows, even for a slice
 
     def _open_shard(self) -> None:
         self._close_shard()

@@ -3,6 +3,7 @@
 Not a test (pytest does not collect ``bench_*.py``). Run from the repository root, e.g.::
 
     python tests/benchmarks/bench_pretrain.py --cells 2000 --steps 20 --rounds 3 --max-len 256
+    python tests/benchmarks/bench_pretrain.py --corpus data/corpus/mix --fixed-len 2048   # the demo corpus
 
 Each row trains a model of the ``--preset`` size (demo: 2 x 64) on the full ~82.6k-gene vocabulary with
 :func:`mixgf.pretrain.pretrain` and reports non-pad tokens per second over the second half of the run, the best of
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from mixgf.collate import MLMCollator
 from mixgf.model import IGNORE_INDEX, PRESETS, MixGFForPretraining
 from mixgf.pretrain import PretrainConfig, pretrain
+from mixgf.tokens import load_tokens
 from mixgf.vocab import default_vocab
 
 
@@ -37,13 +39,14 @@ def synthetic_corpus(n_cells: int, max_len: int, vocab_size: int, seed: int = 0)
 
 
 def tokens_per_s(dataset, meta, preset: str, *, steps: int, batch_size: int, grouped: bool, fixed_padding: bool,
-                 simcse: bool) -> float:
+                 simcse: bool, fixed_len: int) -> float:
     torch.manual_seed(0)
-    model = MixGFForPretraining(PRESETS[preset](meta, simcse_weight=1.0 if simcse else 0.0))
+    model = MixGFForPretraining(PRESETS[preset](meta, simcse_weight=1.0 if simcse else 0.0,
+                                                max_position_embeddings=max(fixed_len, meta["max_len"])))
     cfg = PretrainConfig(
         lr=1e-3, warmup_steps=steps // 4, batch_size=batch_size, max_steps=steps, log_every=steps // 2, save_every=steps,
         megabatch=50 if grouped else 1,  # one batch per mega-batch = plain random batches
-        pad_to_multiple_of=meta["max_len"] if fixed_padding else 8,  # rounding up to max_len = fixed padding
+        pad_to_multiple_of=fixed_len if fixed_padding else 8,  # rounding up to fixed_len = fixed padding
     )
     with tempfile.TemporaryDirectory() as out_dir:
         result = pretrain(model, dataset, meta, cfg, out_dir, resume=False)
@@ -75,30 +78,39 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size (paper: 6 x 256)")
+    parser.add_argument("--corpus", help="a token dataset (e.g. data/corpus/mix) instead of synthetic cells")
+    parser.add_argument("--fixed-len", type=int, help="length of fixed padding (default: max_len; the paper: 2048)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     vocab = default_vocab()
-    meta = {"vocab": vocab.identity(), "medians": None, "max_len": args.max_len}
-    dataset = synthetic_corpus(args.cells, args.max_len, len(vocab))
+    if args.corpus:
+        corpus, meta = load_tokens(args.corpus)
+        dataset = corpus.select(range(min(args.cells, len(corpus)))).select_columns(["input_ids", "length"])
+    else:
+        meta = {"vocab": vocab.identity(), "medians": None, "max_len": args.max_len}
+        dataset = synthetic_corpus(args.cells, args.max_len, len(vocab))
+    fixed_len = args.fixed_len or meta["max_len"]
     lengths = np.asarray(dataset["length"])
-    print(f"{args.cells} cells, length median {np.median(lengths):.0f}, mean {lengths.mean():.0f}, "
-          f"{(lengths == args.max_len).mean():.0%} at max_len {args.max_len}; batch {args.batch_size}; "
+    print(f"{len(dataset)} cells ({args.corpus or 'synthetic'}), length median {np.median(lengths):.0f}, mean "
+          f"{lengths.mean():.0f}, {(lengths == meta['max_len']).mean():.0%} at max_len {meta['max_len']}; fixed padding "
+          f"to {fixed_len}; batch {args.batch_size}; "
           f"{args.steps} steps x {args.rounds} rounds; {args.preset} model; vocab {len(vocab)}; "
           f"torch threads {torch.get_num_threads()}\n")
 
     rows = [
-        ("fixed padding to max_len, random batches", False, True, False),
+        (f"fixed padding to {fixed_len}, random batches", False, True, False),
         ("dynamic padding, random batches", False, False, False),
         ("dynamic padding, length-grouped", True, False, False),
-        ("fixed padding to max_len, random batches + SimCSE", False, True, True),
+        (f"fixed padding to {fixed_len}, random batches + SimCSE", False, True, True),
         ("dynamic padding, length-grouped + SimCSE", True, False, True),
     ]
     best = np.zeros(len(rows))
     for _ in range(args.rounds):
         for i, (_, grouped, fixed_padding, simcse) in enumerate(rows):
             best[i] = max(best[i], tokens_per_s(dataset, meta, args.preset, steps=args.steps, batch_size=args.batch_size,
-                                                grouped=grouped, fixed_padding=fixed_padding, simcse=simcse))
+                                                grouped=grouped, fixed_padding=fixed_padding, simcse=simcse,
+                                                fixed_len=fixed_len))
     print("| batches | real tokens/s | vs fixed padding |\n|---|---:|---:|")
     for (name, *_), value in zip(rows, best):
         print(f"| {name} | {value:,.0f} | {value / best[0]:.2f}x |")
