@@ -65,7 +65,7 @@ def rank_encode(counts: sp.csr_matrix, n_counts: np.ndarray, gene_tokens: np.nda
     keys, low_bits, shift = _sort_keys(data / gene_medians[cols])
     _sort_rows(keys, ptr, threads)
     element = keys & ((1 << low_bits) - 1)  # a within-row sort leaves every element inside its row
-    _fix_near_ties(keys >> low_bits, element, ptr, shift,
+    _fix_near_ties(keys, low_bits, element, ptr, shift,
                    same_input=lambda a, b: (data[a] == data[b]) & (gene_medians[cols[a]] == gene_medians[cols[b]]),
                    exact_value=lambda e, row: data[e] / n_counts[row] * TARGET_SUM / gene_medians[cols[e]])
 
@@ -77,7 +77,7 @@ def rank_encode(counts: sp.csr_matrix, n_counts: np.ndarray, gene_tokens: np.nda
         for a, b in zip(ptr[:-1][per_row > max_len].tolist(), ptr[1:][per_row > max_len].tolist()):
             top[a + max_len:b] = False
         element = element[top]
-    return offsets, tokens[element].astype(np.int32, copy=False)
+    return offsets, tokens[element].astype(np.int32, copy=False)  # int32 already for gene_tokens from a plan
 
 
 def _sort_rows(keys: np.ndarray, ptr: np.ndarray, threads: int) -> None:
@@ -122,14 +122,15 @@ def _sort_keys(values: np.ndarray) -> tuple[np.ndarray, int, int]:
 _ROUNDING_ULPS = 64  # the exact value and count / median agree in order unless within this many float64 ulps
 
 
-def _fix_near_ties(code, element, ptr, shift, *, same_input, exact_value) -> None:
+def _fix_near_ties(keys, low_bits, element, ptr, shift, *, same_input, exact_value) -> None:
     """Re-order by ``exact_value(elements, row)`` (descending, then input position) every run of neighbours in a
     row whose keys are too close for their order to be certain (codes within rounding distance), unless the run is
     only exact ties of identical count and median, which the keys already order by input position."""
-    gap = np.diff(code)
-    near = gap <= 1 + (_ROUNDING_ULPS >> shift)  # codes are ascending within a row, so gap >= 0 there
+    # codes ascend within a row; keys = code << low_bits | index, so codes differ by at most `window` exactly when
+    # the keys differ by less than (window + 1) << low_bits
+    near = np.diff(keys) < (2 + (_ROUNDING_ULPS >> shift)) << low_bits
     starts = ptr[1:-1]
-    near[starts[(starts > 0) & (starts < len(code))] - 1] = False  # neighbours across a row boundary
+    near[starts[(starts > 0) & (starts < len(keys))] - 1] = False  # neighbours across a row boundary
     candidates = np.flatnonzero(near)
     suspects = candidates[~same_input(element[candidates], element[candidates + 1])]
     fixed_until = 0
@@ -139,7 +140,7 @@ def _fix_near_ties(code, element, ptr, shift, *, same_input, exact_value) -> Non
         start, stop = i, i + 2
         while start > 0 and near[start - 1]:
             start -= 1
-        while stop < len(code) and near[stop - 1]:
+        while stop < len(keys) and near[stop - 1]:
             stop += 1
         run = element[start:stop]
         value = exact_value(run, np.searchsorted(ptr, start, side="right") - 1)
@@ -299,7 +300,7 @@ def _gene_lookup(genes: np.ndarray, vocab: GeneVocab, medians: Medians) -> tuple
     tokens = vocab.ids([g if g is not None else "" for g in genes])
     medians_of = medians.values.reindex([g if g is not None else "" for g in genes]).to_numpy(dtype=np.float64)
     tokens[np.isnan(medians_of)] = -1
-    return tokens, medians_of
+    return tokens.astype(np.int32), medians_of
 
 
 def _duplicate_merge(genes, tokens, medians_of):

@@ -8,6 +8,8 @@ maximum length that made the tokens, so a model can refuse a dataset made with a
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,14 +22,20 @@ METADATA_FILE = "mixgf_tokens.json"
 
 
 class TokenDatasetWriter:
-    """Append record batches to ``directory`` (which must be new and empty); ``close(metadata)`` finishes it."""
+    """Append record batches to ``directory`` (which must be new and empty); ``close(metadata)`` finishes it.
 
-    def __init__(self, directory: str | Path, max_shard_bytes: int = 500 * 2**20):
-        self.directory, self.max_shard_bytes = Path(directory), max_shard_bytes
+    Batches are written by a background thread (Arrow writes release the GIL), so disk I/O overlaps the caller's
+    work; at most ``max_pending`` batches wait, which bounds memory.
+    """
+
+    def __init__(self, directory: str | Path, max_shard_bytes: int = 500 * 2**20, max_pending: int = 2):
+        self.directory, self.max_shard_bytes, self.max_pending = Path(directory), max_shard_bytes, max_pending
         self.features, self.schema, self._stream, self._sink = None, None, None, None
         self.shards: list[Path] = []
         self.rows, self._shard_bytes = 0, 0
         self._digest = xxhash.xxh3_128()  # content fingerprint: what a checkpoint records of its corpus
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="mixgf-write")
+        self._pending: deque[Future] = deque()
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self.schema is None:
@@ -38,10 +46,23 @@ class TokenDatasetWriter:
         batch = batch.cast(self.schema) if batch.schema != self.schema else batch
         if self._stream is None or self._shard_bytes >= self.max_shard_bytes:
             self._open_shard()
-        self._stream.write_batch(batch)
+        self._pending.append(self._io.submit(self._stream.write_batch, batch))
+        while len(self._pending) > self.max_pending:
+            self._pending.popleft().result()  # re-raises a failed write here
         self._shard_bytes += batch.nbytes
         self.rows += batch.num_rows
-        self._digest.update(batch.serialize())  # the IPC bytes: exactly this batch's rows, even for a slice
+        self._fingerprint(batch)
+
+    def _fingerprint(self, batch: pa.RecordBatch) -> None:
+        """Hash the batch's content: its buffers, or its IPC bytes when it is a slice of larger buffers."""
+        if any(column.offset for column in batch.columns) or any(
+                isinstance(c, pa.ListArray) and c.offsets[0].as_py() for c in batch.columns):
+            self._digest.update(batch.serialize())
+            return
+        for column in batch.columns:
+            for buffer in column.buffers():
+                if buffer is not None:
+                    self._digest.update(memoryview(buffer))
 
     def _open_shard(self) -> None:
         self._close_shard()
@@ -51,6 +72,8 @@ class TokenDatasetWriter:
         self._shard_bytes = 0
 
     def _close_shard(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
         if self._stream is not None:
             self._stream.close()
             self._sink.close()
@@ -63,6 +86,7 @@ class TokenDatasetWriter:
         if self.schema is None:
             raise ValueError(f"{self.directory}: no rows were written")
         self._close_shard()
+        self._io.shutdown()
         n = len(self.shards)
         names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
         for shard, name in zip(self.shards, names):
