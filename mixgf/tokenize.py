@@ -10,10 +10,13 @@ share a median) are ordered by their column position in the input, i.e. what a s
 ``np.argsort`` is not stable, so on such ties its order depends on numpy's sort implementation and CPU; our
 order is the same everywhere.
 
-Speed: a cell's sort key packs the value (its float64 bits, order-preserving for positive numbers) above the
-gene's position within the cell into one int64, so each cell is one in-place integer sort and the gene comes
-back from the key's low bits. When the value range of a chunk needs more bits than the key has, the lowest value
-bits are dropped; adjacent genes whose truncated values collide are then re-ordered exactly (rare).
+Speed: within a cell the factor 10,000 / n_counts is common to all genes, so genes are sorted by count / median.
+A gene's sort key packs that ratio (its float64 bits, order-preserving for positive numbers) above the gene's
+position in the chunk into one int64: each cell is one in-place integer sort (threads sort blocks of cells in
+parallel; numpy releases the GIL) and the gene comes back from the key's low bits. Neighbours whose keys are within
+rounding distance (dropped low bits, or the few ulps by which count / median and the value can disagree) are
+re-ordered by the exact value; exact ties of identical count and median are already in input order. A background
+thread writes the output, so disk I/O overlaps the encoding.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from mixgf.io import atomic_dir
-from mixgf.settings import settings
 from mixgf.readers import CellFile, InputError, open_cells, resolve_gene_ids, suggest_gene_columns
+from mixgf.settings import settings
 from mixgf.tokens import TokenDatasetWriter
 from mixgf.vocab import GeneVocab, Medians, check_species, default_vocab, load_medians
 
@@ -240,7 +243,8 @@ def tokenize_files(inputs, out_dir, *, species: str, vocab: GeneVocab | None = N
     with atomic_dir(out_dir) as tmp:
         writer = TokenDatasetWriter(tmp)
         with _chunk_results(plans, tasks, workers) as results, \
-                tqdm(total=sum(s.cells for s in summaries), unit="cell", disable=not progress or None) as bar:
+                tqdm(total=sum(s.cells for s in summaries), unit="cell",
+                     disable=not (progress and settings.progress) or None) as bar:
             for (i, start, stop), (kept, offsets, tokens, stats) in zip(tasks, results):
                 s = summaries[i]
                 for key, value in stats.items():

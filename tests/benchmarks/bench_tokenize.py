@@ -54,7 +54,8 @@ def write_cells(path: Path, n_cells: int, shared: Path, *, n_genes=20_000, detec
 
 
 TOKENIZE = """
-import resource, sys, time
+import sys, time
+from mixgf.tokenize import tokenize_files
 from mixgf.vocab import default_medians
 default_medians("human")
 t0 = time.perf_counter()
