@@ -369,6 +369,8 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
         live.end()
     if proc.world_size > 1:
         dist.barrier()
+    # DDP's reducer holds the process group; freeing it after the group is destroyed can hang in gloo's destructor
+    del ddp_model
     if proc.owns_group:
         dist.destroy_process_group()
     return PretrainResult(model=model, step=step, metrics=metrics, model_dir=model_dir)

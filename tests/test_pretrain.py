@@ -4,6 +4,7 @@ import json
 import math
 import os
 import socket
+import time
 
 import datasets
 import numpy as np
@@ -163,7 +164,13 @@ def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
+    workers = mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not workers.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the 2 DDP workers did not finish within 180 s")
 
     initial = tiny_model().state_dict()["bert.encoder.layer.0.attention.self.query.weight"]
     for run in RUNS:
