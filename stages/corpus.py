@@ -2,7 +2,8 @@
 
 <corpus>/mix (Mix-Genecorpus: human + mouse, remapped, shuffled), <corpus>/human and <corpus>/mouse (the
 single-species baselines' corpora); <finetune>/<species>_<Organ> for every organ of Tables 1-2; <perturb>/
-<species>_heart (disease and normal heart cells). Paper profile: the published corpora in their own vocabularies.
+<species>_heart (disease and normal heart cells). Paper profile: the pretraining corpora are the published ones, in
+their own vocabularies.
 """
 
 import argparse
@@ -49,16 +50,19 @@ def main(argv=None):
             metrics[name] = {"cells": int(len(lengths)), "mean_length": round(float(lengths.mean()), 2),
                              "tokens_missing": sum(s.tokens_missing for s in summaries)}
             print("\n".join(s.line() for s in summaries))
-    for out, organs in ((args.finetune, lambda s: ORGANS[s]), (args.perturb, lambda s: ["Heart"])):
-        with atomic_dir(out) as tmp:
-            for species in ("human", "mouse"):
-                data, meta = load_tokens(args.tokens / f"{species}_finetune")
-                organ_of = np.asarray(data["organ"])
-                for organ in organs(species):
-                    rows = np.flatnonzero(organ_of == organ)
-                    name = f"{species}_{organ}" if out == args.finetune else f"{species}_heart"
-                    write_rows(data, rows, tmp / name, meta | {"organ": organ})
-                    metrics.setdefault(out.name, {})[name] = int(len(rows))
+    with atomic_dir(args.finetune) as tmp:
+        for species, organs in ORGANS.items():
+            data, meta = load_tokens(args.tokens / f"{species}_finetune")
+            organ_of = np.asarray(data["organ"])
+            for organ in organs:
+                rows = np.flatnonzero(organ_of == organ)
+                write_rows(data, rows, tmp / f"{species}_{organ}", meta | {"organ": organ})
+                metrics.setdefault("finetune", {})[f"{species}_{organ}"] = int(len(rows))
+    with atomic_dir(args.perturb) as tmp:
+        for species in ORGANS:
+            data, meta = load_tokens(args.tokens / f"{species}_perturb")
+            write_rows(data, np.arange(len(data)), tmp / f"{species}_heart", meta | {"organ": "Heart"})
+            metrics.setdefault("perturb", {})[f"{species}_heart"] = len(data)
     write_json_atomic(args.metrics, metrics)
 
 

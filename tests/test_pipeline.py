@@ -151,3 +151,51 @@ def test_killed_pretraining_resumes_under_dvc_repro_to_the_same_weights(tiny_rep
     resumed = _weights(tiny_repo / "models" / "pretrain" / "mixgf")
     assert finished.keys() == resumed.keys()
     assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+
+
+def test_paper_profile_runs_on_published_style_inputs(tmp_path):
+    """The paper profile end to end up to the corpora, on stand-ins for the published files: corpora tokenized in
+    Geneformer V1's and a foreign (Mouse-Geneformer-like) vocabulary without mixgf metadata, that vocabulary and
+    its medians as pickles, and raw-count organ and heart files."""
+    import pickle
+
+    import pandas as pd
+
+    from mixgf.demo import simulate_atlas
+    from mixgf.tokenize import tokenize_files
+    from mixgf.vocab import GeneVocab, Medians, geneformer_v1_vocab
+
+    repo = _copy_repo(tmp_path, "paper")
+    inputs = yaml.safe_load((repo / "params.yaml").read_text())["profiles"]["paper"]["inputs"]
+    atlas = simulate_atlas(n_genes=1500, cells_per_organ=40, heart_cells=60, include_immune=True)
+    mouse_genes = list(np.random.default_rng(0).permutation(atlas["mouse"].var_names))
+    mouse_vocab = GeneVocab(("<pad>", "<mask>", *mouse_genes), name="mouse-geneformer-like")
+    published = repo / Path(inputs["mouse_token_dictionary"]).parent
+    published.mkdir(parents=True)
+    (repo / inputs["mouse_token_dictionary"]).write_bytes(pickle.dumps({g: i for i, g in enumerate(mouse_vocab.tokens)}))
+    (published / "mouse_gene_median_dictionary.pkl").write_bytes(pickle.dumps({g: 1.5 for g in mouse_genes}))
+    for species, vocab, medians, key in (
+            ("human", geneformer_v1_vocab(), None, "genecorpus_30m"),
+            ("mouse", mouse_vocab, Medians(pd.Series(1.5, index=mouse_genes)), "mouse_genecorpus_20m")):
+        cells = tmp_path / f"{species}.h5ad"
+        atlas[species].write_h5ad(cells)
+        tokenize_files([cells], repo / inputs[key], species=species, vocab=vocab, medians=medians, progress=False)
+        (repo / inputs[key] / "mixgf_tokens.json").unlink()  # the published corpora carry no mixgf metadata
+        for organ_name in (*ORGANS[species], "heart"):
+            folder = repo / inputs["heart" if organ_name == "heart" else "organs"]
+            folder.mkdir(parents=True, exist_ok=True)
+            organ_cells = atlas[species][atlas[species].obs["organ"] == ("Heart" if organ_name == "heart" else organ_name)]
+            organ_cells.copy().write_h5ad(folder / f"{species}_{organ_name}.h5ad")
+
+    run = _run(repo, "-m", "dvc", "repro", "corpus")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    metrics = json.loads((repo / "metrics" / "corpus.json").read_text())
+    assert metrics["mix"]["cells"] == atlas["human"].n_obs + atlas["mouse"].n_obs
+    assert metrics["mix"]["tokens_missing"] == 0
+    mix, meta = load_tokens(repo / "data" / "corpus" / "mix")
+    assert meta["vocab"]["size"] == 25_426 + len(mouse_genes)
+    assert {s["vocab"] for s in meta["sources"]} == {"geneformer-gc30M", "mouse-geneformer"}
+    brain, brain_meta = load_tokens(repo / "data" / "finetune" / "mouse_Brain")
+    assert len(brain) == (atlas["mouse"].obs["organ"] == "Brain").sum() and brain_meta["max_len"] == 2048
+    heart, _ = load_tokens(repo / "data" / "perturb" / "human_heart")
+    assert set(heart["disease"]) == {"disease", "normal"}
