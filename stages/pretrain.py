@@ -48,7 +48,8 @@ def main(argv=None):
         shutil.rmtree(args.state, ignore_errors=True)
     result = pretrain(model, dataset, meta, cfg, args.state, resume=resume, log_dir=args.logs, model_dir=args.out,
                       vocab=vocab)
-    print(f"{args.name}: {result.step} steps, " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+    trained = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()) or "the checkpoint was already complete"
+    print(f"{args.name}: {result.step} steps; {trained}")
 
 
 if __name__ == "__main__":
