@@ -199,3 +199,34 @@ def test_paper_profile_runs_on_published_style_inputs(tmp_path):
     assert len(brain) == (atlas["mouse"].obs["organ"] == "Brain").sum() and brain_meta["max_len"] == 2048
     heart, _ = load_tokens(repo / "data" / "perturb" / "human_heart")
     assert set(heart["disease"]) == {"disease", "normal"}
+
+
+def test_a_baseline_can_be_imported_from_a_geneformer_checkpoint(tiny_repo, tmp_path):
+    """params baselines.<name>.checkpoint: the stage imports a Geneformer V1-vocabulary BertForMaskedLM instead of
+    training, with its gene rows moved to the unified ids (the same ids, for V1's genes)."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from mixgf.vocab import geneformer_v1_vocab
+
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(geneformer_v1_vocab()), hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "gf-v1")
+    params_file = tiny_repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["baselines"]["geneformer"]["checkpoint"] = str(tmp_path / "gf-v1")
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = tmp_path / "imported"
+    try:
+        run = _run(tiny_repo, "stages/pretrain.py", "--name", "geneformer", "--corpus", "data/corpus/human",
+                   "--vocab", "data/vocab.tsv", "--out", str(out), "--state", str(tmp_path / "state"),
+                   "--logs", str(tmp_path / "logs"))
+    finally:
+        params_file.write_text(original)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "imported" in run.stdout and not (tmp_path / "state").exists()
+    ours = _weights(out)["bert.embeddings.word_embeddings.weight"]
+    assert ours.shape[0] == 82_606
+    assert torch.equal(ours[: len(geneformer_v1_vocab())], bert.bert.embeddings.word_embeddings.weight.detach())
