@@ -36,6 +36,30 @@ def _medians(args) -> None:
           file=sys.stderr)
 
 
+def _pretrain(args) -> None:
+    """Pretrain Mix-Geneformer (or, with --simcse-weight 0, an MLM-only baseline); torchrun runs it data-parallel."""
+    import torch
+
+    from mixgf.model import PRESETS, MixGFForPretraining
+    from mixgf.pretrain import PretrainConfig, pretrain
+    from mixgf.tokens import load_tokens
+    from mixgf.vocab import load_vocab
+
+    dataset, meta = load_tokens(args.corpus)
+    vocab = load_vocab(args.vocab)
+    if vocab.hash != meta["vocab"]["hash"]:
+        raise ValueError(f"{args.corpus} was tokenized with vocabulary {meta['vocab']['name']}, not {vocab.name}; "
+                         "pass the vocabulary that made it with --vocab")
+    torch.manual_seed(args.seed)
+    model = MixGFForPretraining(PRESETS[args.preset](meta, simcse_weight=args.simcse_weight, simcse_tau=args.tau,
+                                                     pooling=args.pooling, gather_negatives=args.gather_negatives))
+    cfg = PretrainConfig(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                         batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
+                         save_every=args.save_every, seed=args.seed)
+    result = pretrain(model, dataset, meta, cfg, args.out, log_dir=args.logs, vocab=vocab)
+    print(f"{result.step} steps -> {result.model_dir}", file=sys.stderr)
+
+
 def _import_dict(args) -> None:
     """Geneformer / Mouse-Geneformer pickles -> the plain-text formats this package reads."""
     import pandas as pd
@@ -116,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-cells", type=int, default=1, help="genes seen in fewer cells get no median")
     p.add_argument("--chunk-size", type=int, default=2048, help="cells per chunk")
     p.set_defaults(func=_medians)
+
+    p = sub.add_parser("pretrain", help="pretrain on a token corpus (MLM + SimCSE); run under torchrun for DDP")
+    p.add_argument("corpus", help="token dataset (e.g. from `mixgf corpus merge`)")
+    p.add_argument("--out", required=True, help="checkpoint folder; the model goes to OUT/model")
+    p.add_argument("--vocab", default="mixgf", help="the corpus's vocabulary (saved with the model)")
+    p.add_argument("--preset", default="paper", choices=["paper", "demo"], help="architecture")
+    p.add_argument("--simcse-weight", type=float, default=1.0, help="0: MLM only (the baselines)")
+    p.add_argument("--tau", type=float, default=0.05, help="NT-Xent temperature")
+    p.add_argument("--pooling", default="first", choices=["first", "mean"])
+    p.add_argument("--gather-negatives", action="store_true", help="all-gather SimCSE negatives across processes")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=10_000)
+    p.add_argument("--weight-decay", type=float, default=0.001)
+    p.add_argument("--batch-size", type=int, default=8, help="per process")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, help="a fixed number of steps instead of --epochs")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (a rerun resumes)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--logs", help="dvclive folder for the loss curves")
+    p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("import-dict", help="convert a Geneformer-style pickle to TSV (safely)")
     p.add_argument("pickle")

@@ -189,3 +189,25 @@ def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
     per_view = torch.nn.functional.cross_entropy(sim, positives, reduction="none")
     for r in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"gathered{r}.pt"), per_view[8 * r : 8 * r + 8].mean())
+
+
+def test_cli_pretrain_trains_and_resumes(shared_data, tmp_path):
+    """`mixgf pretrain` on a real token dataset: trains, saves a self-describing model, and a rerun resumes."""
+    import subprocess
+    import sys
+
+    from mixgf.tokenize import tokenize_files
+
+    tokenize_files([shared_data / "scanpy-10x-3.0.0"], tmp_path / "tokens", species="human", max_len=64,
+                   progress=False)
+    cmd = [sys.executable, "-m", "mixgf", "pretrain", str(tmp_path / "tokens"), "--out", str(tmp_path / "run"),
+           "--preset", "demo", "--max-steps", "4", "--warmup-steps", "1", "--save-every", "2", "--batch-size", "4"]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "4 steps" in first.stderr
+    assert (tmp_path / "run" / "model" / "vocab.tsv").exists()
+    assert BertForMaskedLM.from_pretrained(tmp_path / "run" / "model").config.vocab_size == len(default_vocab())
+    again = subprocess.run(cmd, capture_output=True, text=True)  # the checkpoint is complete: nothing to train
+    assert again.returncode == 0 and "4 steps" in again.stderr
+    wrong = subprocess.run(cmd[:5] + ["--vocab", "geneformer-v1"] + cmd[5:], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "was tokenized with vocabulary" in wrong.stderr
