@@ -194,10 +194,6 @@ class GeneIds:
     ensembl: np.ndarray  # object array
     source: str
 
-    @property
-    def share_mapped(self) -> float:
-        return float(np.mean([g is not None for g in self.ensembl])) if len(self.ensembl) else 0.0
-
 
 def _ensembl_share(values: pd.Series, species: str) -> float:
     return float(values.astype(str).str.startswith(ENSEMBL_PREFIX[species]).mean()) if len(values) else 0.0
