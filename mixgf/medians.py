@@ -44,7 +44,7 @@ import scipy.sparse as sp
 
 from mixgf.vocab import Medians
 
-TARGET_SUM = 1e4
+TARGET_SUM = 10_000  # the library size every cell is scaled to, here and in rank-value encoding
 MAX_PASSES = 6  # 44 mantissa bits; a 7th would shrink buckets to one float, whose midpoint rounding breaks the bound
 
 _LOWEST_LOG2, _TOP_LOG2 = -20, 14  # bucket range [2**-20, 2**14) holds every value in [2**-20, TARGET_SUM]

@@ -34,12 +34,11 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from mixgf.io import atomic_dir
+from mixgf.medians import TARGET_SUM
 from mixgf.readers import CellFile, InputError, open_cells, resolve_gene_ids, suggest_gene_columns
 from mixgf.settings import settings
 from mixgf.tokens import TokenDatasetWriter
 from mixgf.vocab import GeneVocab, Medians, check_species, default_vocab, load_medians
-
-TARGET_SUM = 10_000
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,7 +286,7 @@ def _plan_file(path, species, vocab, medians, *, max_len, obs_keys, counts, gene
                 raise InputError(f"{path}: {int(dup.sum())} columns share an Ensembl id (e.g. {examples}); "
                                  "sum them into one column first, or pass --sum-duplicates")
             merge, tokens, medians_of = _duplicate_merge(genes, tokens, medians_of)
-        _check_first_chunk(cells, path, normalized)
+        _check_values(cells.chunk(0, min(cells.n_obs, 256)).data, path, normalized)  # fail fast; every chunk is checked
         obs = pd.DataFrame({"cell_id": cells.obs.index.astype(str)}, index=None)
         for k in obs_keys:
             column = cells.obs[k]
@@ -313,11 +312,6 @@ def _duplicate_merge(genes, tokens, medians_of):
     unique, first, code = np.unique(genes[tokenized].astype(str), return_index=True, return_inverse=True)
     merge = sp.csr_matrix((np.ones(len(tokenized)), (tokenized, code)), shape=(len(genes), len(unique)))
     return merge, tokens[tokenized[first]], medians_of[tokenized[first]]
-
-
-def _check_first_chunk(cells: CellFile, path, normalized) -> None:
-    """Fail fast on the first rows; the same check runs on every chunk while tokenizing."""
-    _check_values(cells.chunk(0, min(cells.n_obs, 256)).data, path, normalized)
 
 
 def _check_values(data: np.ndarray, path, normalized: bool) -> None:
