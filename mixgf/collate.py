@@ -2,6 +2,10 @@
 
 Cells hold from a few hundred to 2,048 genes. Padding every batch to 2,048 would spend most of a step on padding, so
 batches are drawn from length-sorted mega-batches and padded only to their longest cell.
+
+Everything random here is a pure function of the seed and the step (batch order) or of the seed, the epoch and the
+cell (masking). So a resumed run needs only its step, DataLoader workers can build batches in any order, and
+2 processes of 8 cells mask exactly as one process of 16 does.
 """
 
 from __future__ import annotations
@@ -17,106 +21,131 @@ from torch.nn.utils.rnn import pad_sequence
 from mixgf.model import IGNORE_INDEX
 from mixgf.vocab import GeneVocab
 
-FIRST_GENE_ID = 2  # ids below are <pad> and <mask>
+
+def pad_batch(sequences: Sequence[Sequence[int] | torch.Tensor], pad_to_multiple_of: int = 1,
+              max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both (N, L) long, with L the longest sequence rounded up to a multiple of
+    ``pad_to_multiple_of`` but never past ``max_length`` (the model's positions); padding is ``<pad>``, attention 0."""
+    input_ids = pad_sequence([torch.as_tensor(s, dtype=torch.long) for s in sequences], batch_first=True,
+                             padding_value=GeneVocab.pad_id)
+    width = input_ids.shape[1]
+    if max_length is not None and width > max_length:
+        raise ValueError(f"a cell holds {width} genes but the model has {max_length} positions")
+    target = width + -width % pad_to_multiple_of
+    input_ids = F.pad(input_ids, (0, min(target, max_length or target) - width), value=GeneVocab.pad_id)
+    return input_ids, (input_ids != GeneVocab.pad_id).long()
+
+
+def cell_seed(seed: int, epoch: int, cell: int) -> int:
+    """The seed of one cell's masking in one epoch: independent streams for every (seed, epoch, cell)."""
+    return int(np.random.SeedSequence([seed, epoch, cell]).generate_state(1, np.uint64)[0])
 
 
 @dataclass(frozen=True)
 class MLMCollator:
-    """Pads token sequences into a batch and masks genes for masked-language modelling.
+    """Pads token sequences into a batch and masks genes for masked-language modelling (BERT's 80/10/10 recipe).
 
-    Each non-pad token is chosen with probability ``mlm_probability``; a chosen token becomes ``<mask>`` (80%), a
-    random gene (10%) or stays as it is (10%), and only chosen tokens carry a label (-100 elsewhere). Random
-    replacements are drawn from the genes only, never ``<pad>`` or ``<mask>``.
+    Each gene is chosen with probability ``mlm_probability``, and a cell where none was chosen gets one chosen gene
+    (a cell without a target would give an undefined loss); a chosen gene becomes ``<mask>`` (80%), a random gene
+    (10%) or stays as it is (10%), and only chosen genes carry a label (-100 elsewhere). Random replacements are
+    drawn from ``replacements[species]``, the genes of the cell's own species: with the unified vocabulary a human
+    cell must not be taught that mouse genes appear in it. Each cell draws from its own generator (``seeds``), so a
+    cell's masks do not depend on the batch it is in.
     """
 
-    vocab_size: int
+    replacements: Sequence[torch.Tensor]  # per species code: the token ids a random replacement draws from
     mlm_probability: float = 0.15
     pad_to_multiple_of: int = 1  # 8 keeps GPU matmuls on tensor-core shapes
+    max_length: int | None = None  # the model's positions: padding never goes past them
 
-    def __call__(self, sequences: Sequence[Sequence[int] | torch.Tensor],
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """``{"input_ids", "attention_mask", "labels"}``, each (N, L) with L the longest sequence rounded up."""
-        input_ids = pad_sequence([torch.as_tensor(s, dtype=torch.long) for s in sequences], batch_first=True,
-                                 padding_value=GeneVocab.pad_id)
-        input_ids = F.pad(input_ids, (0, -input_ids.shape[1] % self.pad_to_multiple_of), value=GeneVocab.pad_id)
-        attention_mask = input_ids != GeneVocab.pad_id
+    @classmethod
+    def for_vocab(cls, vocab: GeneVocab, species: Sequence[str], **kwargs) -> MLMCollator:
+        """A collator whose species code ``k`` draws replacements from the genes of ``species[k]`` in ``vocab``."""
+        return cls(tuple(torch.from_numpy(vocab.species_ids(s)) for s in species), **kwargs)
 
-        chosen = (torch.rand(input_ids.shape, generator=generator) < self.mlm_probability) & attention_mask
+    def __call__(self, sequences: Sequence[Sequence[int] | torch.Tensor], species: Sequence[int],
+                 seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+        """``{"input_ids", "attention_mask", "labels"}``, each (N, L); ``species`` are codes into ``replacements``,
+        ``seeds`` one per cell (:func:`cell_seed`)."""
+        input_ids, attention_mask = pad_batch(sequences, self.pad_to_multiple_of, self.max_length)
+        uniform = torch.ones(4, *input_ids.shape)  # chosen?, which action, which replacement, fallback position
+        for row, (sequence, seed) in enumerate(zip(sequences, seeds)):
+            uniform[:, row, : len(sequence)] = torch.rand(4, len(sequence), generator=torch.Generator().manual_seed(seed))
+        is_gene = attention_mask.bool()
+        chosen = (uniform[0] < self.mlm_probability) & is_gene
+        lengths = attention_mask.sum(1)
+        fallback = (uniform[3, :, 0] * lengths).long().clamp(max=lengths - 1)  # one position for a cell with none
+        none = ~chosen.any(1) & (lengths > 0)
+        chosen[none.nonzero()[:, 0], fallback[none]] = True
+
         labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
-        action = torch.rand(input_ids.shape, generator=generator)  # < 0.8: <mask>, < 0.9: random gene, else unchanged
-        input_ids[chosen & (action < 0.8)] = GeneVocab.mask_id
-        to_random = chosen & (action >= 0.8) & (action < 0.9)
-        input_ids[to_random] = torch.randint(FIRST_GENE_ID, self.vocab_size, (int(to_random.sum()),), generator=generator)
-        return {"input_ids": input_ids, "attention_mask": attention_mask.long(), "labels": labels}
+        input_ids[chosen & (uniform[1] < 0.8)] = GeneVocab.mask_id
+        to_random = chosen & (uniform[1] >= 0.8) & (uniform[1] < 0.9)
+        rows, cols = to_random.nonzero(as_tuple=True)
+        codes = torch.as_tensor(species, dtype=torch.long)[rows]
+        for code, pool in enumerate(self.replacements):
+            here = codes == code
+            picks = (uniform[2, rows[here], cols[here]] * len(pool)).long().clamp(max=len(pool) - 1)
+            input_ids[rows[here], cols[here]] = pool[picks]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, megabatch: int,
-                           seed: int | Sequence[int]) -> list[np.ndarray]:
-    """One epoch of batches of row indices, all of ``batch_size`` (a last partial batch is dropped).
+                           seed: int | Sequence[int]) -> np.ndarray:
+    """One epoch of batches, a (n_batches, batch_size) array of row indices (a last partial batch is dropped).
 
     The rows are shuffled (seeded by ``seed``), cut into mega-batches of ``megabatch`` batches, each mega-batch is
     sorted by length (longest first) and cut into batches, and the batch order is shuffled. ``megabatch=1`` gives
-    plain random batches.
+    plain random batches. One array, not a Python object per batch: 50 M cells make 6 M batches an epoch.
     """
+    lengths = np.asarray(lengths)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths))
     size = megabatch * batch_size
-    batches = []
-    for start in range(0, len(order), size):
-        group = order[start : start + size]
-        group = group[np.argsort(-lengths[group], kind="stable")]
-        batches += [group[i : i + batch_size] for i in range(0, len(group) - batch_size + 1, batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+    full, rest = order[: len(order) // size * size].reshape(-1, size), order[len(order) // size * size:]
+    full = np.take_along_axis(full, np.argsort(-lengths[full], axis=1, kind="stable"), axis=1)
+    rest = rest[np.argsort(-lengths[rest], kind="stable")][: len(rest) // batch_size * batch_size]
+    batches = np.concatenate([full.reshape(-1), rest]).reshape(-1, batch_size)
+    return batches[rng.permutation(len(batches))]
 
 
-class LengthGroupedBatches:
-    """An endless iterator over this rank's length-grouped batches, epoch after epoch; its state is (epoch, position).
+class PretrainBatches(torch.utils.data.Dataset):
+    """Step ``k`` of this process's training: a masked batch of ``batch_size`` cells, as a map-style dataset.
 
-    Every rank computes the same epoch (a pure function of ``seed`` and the epoch number) and takes every
-    ``world_size``-th batch from its ``rank``; the epoch is cut to a multiple of ``world_size`` batches so that all
-    ranks take the same number of steps.
+    The cells of a step are global: epoch batches hold ``batch_size x world_size`` cells (length-grouped, see
+    :func:`length_grouped_batches`, seeded by the seed and the epoch) and process ``rank`` takes its slice of
+    them, so a run on 2 processes sees the same cells per step as one process with twice the batch. Item ``k`` is a
+    pure function of ``k``: a DataLoader over ``range(step, total_steps)`` resumes a run exactly and may load
+    batches in worker processes.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, megabatch: int = 50, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        self.lengths = np.asarray(lengths)
-        self.batch_size, self.megabatch, self.seed = batch_size, megabatch, seed
-        self.rank, self.world_size = rank, world_size
-        if len(self) == 0:
-            raise ValueError(f"{len(self.lengths)} cells make no batch of {batch_size} for each of {world_size} processes; "
-                             "lower the batch size or use more cells")
-        self.epoch, self.position = 0, 0
-        self._batches: tuple[int, list[np.ndarray]] = (-1, [])
+    def __init__(self, tokens, lengths: np.ndarray, species: np.ndarray, collate: MLMCollator, batch_size: int, *,
+                 megabatch: int = 50, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.tokens, self.lengths, self.species, self.collate = tokens, np.asarray(lengths), np.asarray(species), collate
+        self.batch_size, self.megabatch, self.seed, self.rank, self.world_size = batch_size, megabatch, seed, rank, world_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.lengths)} cells make no batch of {batch_size} for each of {world_size} "
+                             "processes; lower the batch size or use more cells")
+        self._epoch: tuple[int, np.ndarray | None] = (-1, None)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.lengths) // (self.batch_size * self.world_size)
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        return len(self.lengths) // self.batch_size // self.world_size
+        """Steps of one epoch (items past it are later epochs)."""
+        return self.steps_per_epoch
 
-    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        if self._batches[0] != epoch:
-            batches = length_grouped_batches(self.lengths, self.batch_size, self.megabatch, seed=[self.seed, epoch])
-            self._batches = (epoch, batches[: len(self) * self.world_size][self.rank :: self.world_size])
-        return self._batches[1]
+    def cells(self, step: int) -> tuple[int, np.ndarray]:
+        """The epoch of ``step`` and the row indices of this process's cells at that step."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, length_grouped_batches(self.lengths, self.batch_size * self.world_size,
+                                                         self.megabatch, seed=[self.seed, epoch]))
+        start = self.rank * self.batch_size
+        return epoch, self._epoch[1][position, start : start + self.batch_size]
 
-    def __iter__(self) -> LengthGroupedBatches:
-        return self
-
-    def __next__(self) -> np.ndarray:
-        if self.position == len(self):
-            self.epoch, self.position = self.epoch + 1, 0
-        batch = self._epoch_batches(self.epoch)[self.position]
-        self.position += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "megabatch": self.megabatch, "world_size": self.world_size, "n_cells": len(self.lengths)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where ``state`` left off; refuses a state of another dataset, batch size, mega-batch, seed or world."""
-        ours = self.state_dict()
-        changed = [k for k in ("seed", "batch_size", "megabatch", "world_size", "n_cells") if state[k] != ours[k]]
-        if changed:
-            raise ValueError("cannot resume the batch order: "
-                             + ", ".join(f"{k} was {state[k]}, now {ours[k]}" for k in changed))
-        self.epoch, self.position = state["epoch"], state["position"]
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        epoch, rows = self.cells(step)
+        seeds = [cell_seed(self.seed, epoch, int(row)) for row in rows]
+        return self.collate(self.tokens[rows]["input_ids"], self.species[rows], seeds)

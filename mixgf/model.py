@@ -1,9 +1,11 @@
 """Mix-Geneformer: a BERT encoder pretrained with masked-gene prediction plus SimCSE (SPEC §4).
 
 Read top to bottom: the config and its presets, the check that a token dataset fits a model, the two pooling
-rules, the NT-Xent loss, then the model. The state-dict names are those of ``transformers.BertForMaskedLM``
-(``bert.*``, ``cls.predictions.*``) plus ``bert.pooler.*``, so Geneformer V1 and Mouse-Geneformer checkpoints load
-as baselines and our checkpoints load in Geneformer's tools with ``BertForMaskedLM.from_pretrained``.
+rules, then the model (the SimCSE losses are in :mod:`mixgf.simcse`). A saved model is a plain BERT checkpoint:
+``config.json`` says ``model_type: "bert"`` and ``architectures: ["BertForMaskedLM"]`` (the Mix-GF settings are extra
+keys of it), and the weights are named as in ``transformers.BertForMaskedLM`` (``bert.*``, ``cls.predictions.*``) plus
+``bert.pooler.*``. So ``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification.from_pretrained`` load it
+without mixgf, Geneformer's tools read it, and Geneformer V1 / Mouse-Geneformer checkpoints load as baselines.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForPreTraining, BertConfig
+from transformers import BertConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.bert.modeling_bert import BertModel, BertOnlyMLMHead, BertPreTrainedModel
 from transformers.utils import ModelOutput
+
+from mixgf.simcse import LOSSES, at_least_float32, diagnostics, simcse_loss
 
 IGNORE_INDEX = -100  # label of positions that carry no MLM target (torch's cross-entropy default)
 POOLINGS = ("first", "mean")
@@ -27,8 +30,11 @@ class MixGFConfig(BertConfig):
 
     Parameters
     ----------
+    simcse_loss
+        ``"nt_xent"``: NT-Xent over the 2N views, what the authors' code computes (the default); ``"eq3"``: the
+        paper's Eq. (3), the original SimCSE loss (:mod:`mixgf.simcse`).
     simcse_tau
-        Temperature of the NT-Xent loss (the paper: 0.05).
+        Temperature of the contrastive loss (the paper: 0.05).
     simcse_weight
         Weight of the SimCSE term in the total loss (the paper: 1). 0 switches SimCSE off and skips the second pass,
         which gives the Geneformer-style MLM-only baselines.
@@ -45,12 +51,16 @@ class MixGFConfig(BertConfig):
         Maximum number of gene tokens per cell in the pretraining corpus.
     **kwargs
         ``BertConfig`` arguments (``vocab_size``, ``hidden_size``, ...).
+
+    ``model_type`` stays ``"bert"``, so ``AutoConfig`` reads a saved config as a ``BertConfig`` that carries the
+    settings above as extra attributes: the checkpoint needs no mixgf to load.
     """
 
-    model_type = "mixgf"
+    model_type = "bert"
 
     def __init__(
         self,
+        simcse_loss: str = "nt_xent",
         simcse_tau: float = 0.05,
         simcse_weight: float = 1.0,
         pooling: str = "first",
@@ -62,10 +72,13 @@ class MixGFConfig(BertConfig):
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if simcse_loss not in LOSSES:
+            raise ValueError(f"simcse_loss must be one of {tuple(LOSSES)}, got {simcse_loss!r}")
         if not simcse_tau > 0:
             raise ValueError(f"simcse_tau must be positive, got {simcse_tau}")
         if not simcse_weight >= 0:
             raise ValueError(f"simcse_weight must be >= 0, got {simcse_weight}")
+        self.simcse_loss = simcse_loss
         self.simcse_tau = simcse_tau
         self.simcse_weight = simcse_weight
         self.pooling = pooling
@@ -81,8 +94,6 @@ class MixGFConfig(BertConfig):
         if max_len is not None and max_len > self.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds max_position_embeddings {self.max_position_embeddings}")
 
-
-AutoConfig.register("mixgf", MixGFConfig, exist_ok=True)
 
 _PAPER = dict(
     num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=512, hidden_act="silu",
@@ -155,41 +166,11 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def _gather_with_local_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every rank's ``z`` concatenated in rank order, and where this rank's rows start.
-
-    all_gather returns tensors without autograd history, so this rank's slot is replaced by ``z`` itself: the
-    gradient flows through the local views only, each rank owning its share of the loss (as in SimCLR's DDP code).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return z, 0
-    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, z.detach().contiguous())
-    parts[dist.get_rank()] = z
-    return torch.cat(parts), dist.get_rank() * len(z)
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float, *, gather: bool = False) -> torch.Tensor:
-    """NT-Xent (SimCLR) loss over the 2N views ``z1``, ``z2`` (N, H) of N cells.
-
-    Each view's positive is the other view of its cell and every other view is a negative; similarity is cosine / tau.
-    With ``gather`` the views of all DDP ranks serve as negatives. Computed in float32 even under autocast, since
-    bf16 cosines divided by a small tau would lose the differences the loss is about.
-    """
-    with torch.autocast(z1.device.type, enabled=False):
-        z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)  # (2N, H)
-        keys, offset = _gather_with_local_grad(z) if gather else (z, 0)
-        sim = z @ keys.T / tau  # (2N, 2N x world)
-        rows = torch.arange(len(z), device=z.device)
-        is_self = torch.zeros_like(sim, dtype=torch.bool)
-        is_self[rows, offset + rows] = True
-        positives = offset + (rows + len(z1)) % len(z)
-        return F.cross_entropy(sim.masked_fill(is_self, float("-inf")), positives)
-
-
 @dataclass
 class MixGFPretrainingOutput(ModelOutput):
-    """``loss`` = ``loss_mlm`` + simcse_weight x ``loss_simcse``, set only when labels are given.
+    """``loss`` = ``loss_mlm`` + simcse_weight x ``loss_simcse``, set only when labels are given, with
+    ``simcse_diagnostics`` (:func:`mixgf.simcse.diagnostics`: ``simcse_pos_cos``, ``simcse_neg_cos``,
+    ``simcse_accuracy``) when SimCSE runs.
 
     ``logits`` are (N, L, vocab) without labels, as in ``BertForMaskedLM``; with labels they are computed only at the
     masked positions, (n_masked, vocab) in row-major order of ``labels != -100``: with ~82k genes the output layer
@@ -200,6 +181,7 @@ class MixGFPretrainingOutput(ModelOutput):
     loss_mlm: torch.Tensor | None = None
     loss_simcse: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    simcse_diagnostics: dict[str, torch.Tensor] | None = None
 
 
 class MixGFForPretraining(BertPreTrainedModel):
@@ -230,14 +212,25 @@ class MixGFForPretraining(BertPreTrainedModel):
             return outputs.pooler_output
         return mean_pool(outputs.last_hidden_state, attention_mask)
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """``PreTrainedModel.save_pretrained``, with ``config.json`` naming ``BertForMaskedLM`` as the architecture:
+        the weights are BERT's, so any Hugging Face user loads them with the Auto classes."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.architectures = ["BertForMaskedLM"]
+        self.config.save_pretrained(save_directory)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        num_items_in_batch: float | torch.Tensor | None = None,
     ) -> MixGFPretrainingOutput:
         """Encode ``input_ids`` (N, L); with ``labels`` (N, L; -100 where not masked) also return the losses.
 
+        The MLM loss is the sum over masked genes divided by ``num_items_in_batch`` (default: this batch's masked
+        genes, i.e. the mean), the Hugging Face convention that lets data-parallel training average over the masked
+        genes of all processes rather than over their per-process means.
         SimCSE's two dropout passes run as one pass over the batch stacked on itself: every row draws its own
         dropout masks, so this equals two passes and keeps one large matmul per layer. MLM uses the first view only.
         """
@@ -253,16 +246,18 @@ class MixGFForPretraining(BertPreTrainedModel):
 
         masked = labels != IGNORE_INDEX
         logits = self.cls(hidden[: len(labels)][masked])
-        loss_mlm = F.cross_entropy(logits.float(), labels[masked])
+        loss_mlm = F.cross_entropy(at_least_float32(logits), labels[masked], reduction="sum") / (
+            masked.sum() if num_items_in_batch is None else num_items_in_batch)
         if not simcse:
             return MixGFPretrainingOutput(loss=loss_mlm, loss_mlm=loss_mlm, logits=logits)
         z1, z2 = self.pool(outputs, attention_mask).chunk(2)
-        loss_simcse = nt_xent(z1, z2, self.config.simcse_tau, gather=self.config.gather_negatives)
+        loss_simcse = simcse_loss(self.config.simcse_loss, z1, z2, self.config.simcse_tau,
+                                  gather=self.config.gather_negatives)
         loss = loss_mlm + self.config.simcse_weight * loss_simcse
-        return MixGFPretrainingOutput(loss=loss, loss_mlm=loss_mlm, loss_simcse=loss_simcse, logits=logits)
+        stats = {f"simcse_{k}": v for k, v in diagnostics(z1, z2).items()}
+        return MixGFPretrainingOutput(loss=loss, loss_mlm=loss_mlm, loss_simcse=loss_simcse, logits=logits,
+                                      simcse_diagnostics=stats)
 
-
-AutoModelForPreTraining.register(MixGFConfig, MixGFForPretraining, exist_ok=True)
 
 
 def import_bert_checkpoint(path, source_vocab, target_vocab, meta: dict) -> MixGFForPretraining:

@@ -6,9 +6,11 @@
     model/          the final model, written with ``save_pretrained`` (config.json + model.safetensors)
 
 It runs as one process on CPU or a GPU, or as one process per GPU under ``torchrun`` (DDP over NCCL; gloo on CPU),
-where only rank 0 logs and writes. A rerun with ``resume=True`` continues from ``checkpoint.pt`` and gives the
-same weights as an uninterrupted run: the checkpoint holds the step (the learning rate is a pure function of it),
-the optimizer, the batch order's position and every random number generator of every rank.
+where only rank 0 logs and writes. Batches are built by a ``DataLoader`` (workers, pinned memory) from
+:class:`~mixgf.collate.PretrainBatches`, whose step ``k`` is a pure function of ``k``. A rerun with ``resume=True``
+continues from ``checkpoint.pt`` and gives the same weights as an uninterrupted run: the checkpoint holds the step
+(the learning rate and the batches are pure functions of it), the optimizer and every rank's random number
+generators (dropout); it refuses a checkpoint written with other settings or another corpus.
 """
 
 from __future__ import annotations
@@ -16,22 +18,26 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from datasets import Dataset
 from dvclive import Live
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mixgf.collate import LengthGroupedBatches, MLMCollator
+from mixgf.collate import MLMCollator, PretrainBatches
 from mixgf.io import atomic_dir
-from mixgf.model import MixGFForPretraining, check_token_dataset
+from mixgf.model import IGNORE_INDEX, MixGFForPretraining, check_token_dataset
 from mixgf.vocab import GeneVocab
 
 CHECKPOINT = "checkpoint.pt"
@@ -46,6 +52,10 @@ class PretrainConfig:
     ``batch_size`` is per process. ``max_steps``, when set, replaces ``epochs`` as the length of the run (and of the
     cosine schedule). ``grad_clip`` 1.0 is the Hugging Face Trainer's default, which the authors used. ``dtype`` is
     the autocast dtype on GPUs ("bfloat16" or "float32"); CPU always runs in float32.
+
+    The last four fields (:data:`RUNTIME_FIELDS`) change how a run is watched and fed, not what it computes: a
+    checkpoint resumes when only they differ. ``num_workers`` are DataLoader processes building batches;
+    ``deterministic`` turns on ``torch.use_deterministic_algorithms`` (on CUDA, bit-identical reruns at some speed).
     """
 
     lr: float = 1e-3
@@ -58,10 +68,12 @@ class PretrainConfig:
     megabatch: int = 50
     mlm_probability: float = 0.15
     pad_to_multiple_of: int = 8
-    save_every: int = 1000
-    log_every: int = 10
     seed: int = 42
     dtype: str = "bfloat16"
+    save_every: int = 1000
+    log_every: int = 10
+    num_workers: int = 0
+    deterministic: bool = False
 
     def __post_init__(self):
         if self.dtype not in ("bfloat16", "float32"):
@@ -71,6 +83,11 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+RUNTIME_FIELDS = ("save_every", "log_every", "num_workers", "deterministic")
 
 
 @dataclass
@@ -140,39 +157,36 @@ def _autocast(device: torch.device, dtype: str):
 # random number generators and checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 
-def _seed(seed: int, rank: int, mask_rng: torch.Generator) -> None:
-    """Seed python, numpy and torch (dropout) and the masking generator with independent streams for this rank."""
-    global_seed, mask_seed = (int(s) for s in np.random.SeedSequence([seed, rank]).generate_state(2))
-    random.seed(global_seed)
-    np.random.seed(global_seed)
-    torch.manual_seed(global_seed)
-    mask_rng.manual_seed(mask_seed)
+def _seed(seed: int, rank: int) -> None:
+    """Seed python, numpy and torch (dropout) with an independent stream for this rank."""
+    rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
 
 
-def _rng_state(device: torch.device, mask_rng: torch.Generator) -> dict:
+def _rng_state(device: torch.device) -> dict:
     name, keys, *rest = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (name, keys.tolist(), *rest),  # a list, so the checkpoint loads with weights_only=True
         "torch": torch.get_rng_state(),
         "device": torch.cuda.get_rng_state(device) if device.type != "cpu" else None,
-        "mask": mask_rng.get_state(),
     }
 
 
-def _set_rng_state(state: dict, device: torch.device, mask_rng: torch.Generator) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if device.type != "cpu":
         torch.cuda.set_rng_state(state["device"], device)
-    mask_rng.set_state(state["mask"])
 
 
-def _all_rng_states(proc: _Process, mask_rng: torch.Generator) -> list[dict]:
+def _all_rng_states(proc: _Process) -> list[dict]:
     """Every rank's generator states, indexed by rank (collective: all ranks call it)."""
-    state = _rng_state(proc.device, mask_rng)
+    state = _rng_state(proc.device)
     if proc.world_size == 1:
         return [state]
     states = [None] * proc.world_size
@@ -187,6 +201,36 @@ def _architecture(config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING}
 
 
+def _run_identity(model_config, cfg: PretrainConfig, dataset: Dataset, world_size: int) -> dict:
+    """What a checkpoint must share with a run to be resumed by it: everything that changes the computation."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+    return {"model": _architecture(model_config), "pretrain": settings,
+            "corpus": {"fingerprint": dataset._fingerprint, "rows": len(dataset)}, "processes": world_size}
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every leaf where two nested dicts differ."""
+    out = []
+    for key in sorted(old.keys() | new.keys(), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def checkpoint_differences(out_dir: str | Path, model_config, cfg: PretrainConfig, dataset: Dataset,
+                           world_size: int = 1) -> list[str] | None:
+    """How the checkpoint in ``out_dir`` differs from this run (``[]``: it can be resumed), or ``None`` if there is
+    none. Settings of :data:`RUNTIME_FIELDS` (logging, saving, workers) are not compared."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return _differences(state["run"], _run_identity(model_config, cfg, dataset, world_size))
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temp file beside ``path``, flush it to disk, then rename: a crash leaves the old checkpoint whole."""
     tmp = path.with_name(path.name + ".tmp")
@@ -197,31 +241,21 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def checkpoint_matches(out_dir: str | Path, model_config, cfg: PretrainConfig, dataset: Dataset) -> bool:
-    """Whether ``out_dir`` holds a checkpoint of exactly this run: same model config, optimisation settings and
-    corpus. A pipeline resumes only then; anything else (a changed parameter, a new corpus) starts over."""
-    path = Path(out_dir) / CHECKPOINT
-    if not path.exists():
-        return False
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return (state["model_config"] == _architecture(model_config) and state["pretrain_config"] == asdict(cfg)
-            and state.get("dataset") == dataset._fingerprint)
+def _load_checkpoint(path: Path, run: dict, model: MixGFForPretraining,
+                     optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    """Restore model and optimizer from ``path``; return the step and every rank's RNG states.
 
-
-def _load_checkpoint(path: Path, model: MixGFForPretraining, optimizer: torch.optim.Optimizer,
-                     batches: LengthGroupedBatches) -> tuple[int, list[dict]]:
-    """Restore model, optimizer and batch position from ``path``; return the step and every rank's RNG states."""
+    Refuses a checkpoint of another run: continuing it with another learning rate, schedule, batch size or corpus
+    would silently give a model that no configuration describes.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
-    ours = _architecture(model.config)
-    changed = sorted(k for k in ours.keys() | state["model_config"].keys() if ours.get(k) != state["model_config"].get(k))
+    changed = _differences(state["run"], run)
     if changed:
-        raise ValueError(f"{path} was written for another model config (differs in {', '.join(changed)}); "
-                         "build the model with the checkpoint's config, or pass resume=False to start over")
-    if len(state["rng"]) != batches.world_size:
-        raise ValueError(f"{path} was written by {len(state['rng'])} processes; resume with the same number")
+        raise ValueError(f"{path} was written by another run, so it cannot be continued; it differs in "
+                         + "; ".join(changed) + ". Restore those settings to resume, or pass resume=False "
+                         "(or delete the checkpoint) to start over")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    batches.load_state_dict(state["batches"])
     return state["step"], state["rng"]
 
 
@@ -241,13 +275,36 @@ def _lengths(dataset: Dataset) -> np.ndarray:
     return dataset.with_format("numpy")["length"][:]
 
 
+def _species_codes(dataset: Dataset, meta: dict) -> tuple[list[str], np.ndarray]:
+    """The species of the corpus and each row's index into them (column ``species``, else the metadata's)."""
+    if "species" in dataset.column_names:
+        column = pa.chunked_array(dataset.with_format("arrow")["species"])
+        names = sorted(pc.unique(column).to_pylist())
+        return names, pc.index_in(column, value_set=pa.array(names)).to_numpy().astype(np.int8)
+    names = list(meta.get("species") or [])
+    if len(names) != 1:
+        raise ValueError("the token dataset has no 'species' column and its metadata names "
+                         f"{names or 'no species'}; masking needs each cell's species: add the column")
+    return names, np.zeros(len(dataset), dtype=np.int8)
+
+
+def _truncate_logs(log_dir: Path, step: int) -> None:
+    """Drop logged rows past ``step`` (written after the checkpoint a run resumes from), so each step appears once."""
+    for tsv in (log_dir / "plots" / "metrics").glob("*.tsv"):
+        header, *rows = tsv.read_text().splitlines(keepends=True)
+        tsv.write_text(header + "".join(r for r in rows if int(r.split("\t", 1)[0]) <= step))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------------
 
+_LOGGED = ("loss", "loss_mlm", "loss_simcse", "simcse_pos_cos", "simcse_neg_cos", "simcse_accuracy", "grad_norm")
+
+
 def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: PretrainConfig, out_dir: str | Path, *,
-             resume: bool = True, log_dir: str | Path | None = None, model_dir: str | Path | None = None,
-             vocab: GeneVocab | None = None) -> PretrainResult:
+             vocab: GeneVocab, resume: bool = True, log_dir: str | Path | None = None,
+             model_dir: str | Path | None = None) -> PretrainResult:
     """Pretrain ``model`` on ``dataset`` with MLM (+ SimCSE unless ``model.config.simcse_weight`` is 0).
 
     Parameters
@@ -256,7 +313,8 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
         The model to train, in place; its weights are taken as they are (seed before building it). Under DDP every
         rank passes a model of the same config; rank 0's weights are broadcast.
     dataset
-        Token dataset with columns ``input_ids`` (gene ids, rank order) and ``length``.
+        Token dataset with columns ``input_ids`` (gene ids, rank order), ``length`` and ``species`` (or one species
+        in ``meta["species"]``).
     meta
         The dataset's metadata ``{"vocab", "medians", "max_len"}``; it must match the model's config
         (:func:`~mixgf.model.check_token_dataset`).
@@ -265,44 +323,64 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
     out_dir
         Where ``checkpoint.pt`` and the final ``model/`` go (see the module docstring). Under DDP every rank reads
         the checkpoint, so across nodes it must be on a shared file system.
-    resume
-        Continue from ``out_dir/checkpoint.pt`` if it exists; otherwise start at step 0 (overwriting it).
     vocab
-        The vocabulary of the corpus; saved with the final model, so the model directory is self-describing.
+        The vocabulary of the corpus: MLM's random replacements draw from the genes of each cell's species in it,
+        and it is saved with the final model, so the model directory is self-describing.
+    resume
+        Continue from ``out_dir/checkpoint.pt`` if it exists (``ValueError`` if it was written by another run,
+        naming what differs); otherwise start at step 0 (overwriting it).
     model_dir
         Where the final model goes (default ``out_dir/model``), e.g. apart from a checkpoint folder that persists.
     log_dir
-        dvclive directory for loss, loss_mlm, loss_simcse, lr and tokens_per_s (non-pad tokens over all ranks);
-        ``None`` logs nothing. Values are averages over the ``log_every`` steps before each logged step. Note that
-        dvclive runs ``dvc init`` at the git root when the working directory is in a git repository without DVC.
+        dvclive directory for loss, loss_mlm, loss_simcse, the SimCSE diagnostics (mean cosine of positive and of
+        negative pairs, contrastive accuracy), grad_norm (before clipping), lr and tokens_per_s (non-pad tokens
+        over all ranks); ``None`` logs nothing. Values are averages over the ``log_every`` steps before each logged
+        step. Note that dvclive runs ``dvc init`` at the git root when the working directory is in a git
+        repository without DVC.
 
     Returns
     -------
     PretrainResult with the model, the final step, the last logged metrics and the path of the saved model.
+
+    Raises
+    ------
+    FloatingPointError
+        When a step's gradients are not finite (the weights are left as they were before that step).
     """
     lengths = _lengths(dataset)
     check_token_dataset(model.config, meta)
+    if vocab.hash != model.config.vocab["hash"]:
+        raise ValueError(f"vocabulary {vocab.name!r} is not the model's ({model.config.vocab}); pass the corpus's")
+    species, species_codes = _species_codes(dataset, meta)
     proc = _start_process()
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT
     model_dir = Path(model_dir) if model_dir is not None else out_dir / MODEL_DIR
 
     model.to(proc.device)
     optimizer = configure_optimizer(model, cfg)
-    batches = LengthGroupedBatches(lengths, cfg.batch_size, megabatch=cfg.megabatch, seed=cfg.seed,
-                                   rank=proc.rank, world_size=proc.world_size)
+    collate = MLMCollator.for_vocab(vocab, species, mlm_probability=cfg.mlm_probability,
+                                    pad_to_multiple_of=cfg.pad_to_multiple_of,
+                                    max_length=model.config.max_position_embeddings)
+    batches = PretrainBatches(dataset.select_columns("input_ids").with_format("numpy"), lengths, species_codes,
+                              collate, cfg.batch_size, megabatch=cfg.megabatch, seed=cfg.seed, rank=proc.rank,
+                              world_size=proc.world_size)
     total_steps = cfg.max_steps or cfg.epochs * len(batches)
-    collate = MLMCollator(model.config.vocab_size, cfg.mlm_probability, cfg.pad_to_multiple_of)
-    mask_rng = torch.Generator()
+    run = _run_identity(model.config, cfg, dataset, proc.world_size)
     resuming = resume and checkpoint.exists()
     if resuming:
-        step, rng_states = _load_checkpoint(checkpoint, model, optimizer, batches)
-        _set_rng_state(rng_states[proc.rank], proc.device, mask_rng)
+        step, rng_states = _load_checkpoint(checkpoint, run, model, optimizer)
+        _set_rng_state(rng_states[proc.rank], proc.device)
     else:
         step = 0
-        _seed(cfg.seed, proc.rank, mask_rng)
+        _seed(cfg.seed, proc.rank)
     if proc.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if resuming and log_dir:
+            _truncate_logs(Path(log_dir), step)
 
     simcse = model.config.simcse_weight > 0
     # BERT's pooler gets no gradient unless SimCSE embeds with it, and DDP must be told so
@@ -310,57 +388,65 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
     ddp_model = model if proc.world_size == 1 else DistributedDataParallel(
         model, device_ids=None if proc.device.type == "cpu" else [proc.device], find_unused_parameters=not uses_pooler)
     autocast = _autocast(proc.device, cfg.dtype)
-    tokens = dataset.select_columns("input_ids").with_format("torch")
+    on_gpu = proc.device.type == "cuda"
+    loader = DataLoader(batches, batch_size=None, sampler=range(step, total_steps), num_workers=cfg.num_workers,
+                        pin_memory=on_gpu, prefetch_factor=4 if cfg.num_workers else None,
+                        generator=torch.Generator())  # its own generator: the global one drives dropout
     live = Live(str(log_dir), dvcyaml=False, save_dvc_exp=False, resume=resuming) if proc.is_main and log_dir else None
 
-    window = torch.zeros(4, device=proc.device)  # sums since the last log: loss, loss_mlm, loss_simcse, tokens
+    window = torch.zeros(len(_LOGGED) + 1, device=proc.device)  # sums since the last log, then the token count
     window_steps, window_start, metrics = 0, time.perf_counter(), {}
-    bar = tqdm(total=total_steps, initial=step, desc="pretrain", disable=not proc.is_main)
+    bar = tqdm(total=total_steps, initial=step, desc="pretrain", disable=not proc.is_main,
+               mininterval=1 if sys.stderr.isatty() else 30)  # a readable log when stderr is a file (dvc repro)
     model.train()
-    while step < total_steps:
+    for batch in loader:
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = collate(tokens[next(batches)]["input_ids"], generator=mask_rng)
-        batch = {k: v.to(proc.device) for k, v in batch.items()}
+        batch = {k: v.to(proc.device, non_blocking=True) for k, v in batch.items()}
+        n_masked = (batch["labels"] != IGNORE_INDEX).sum()
+        if proc.world_size > 1:  # the MLM loss averages over the masked genes of all processes
+            dist.all_reduce(n_masked)
         with autocast:
-            out = ddp_model(**batch)
+            out = ddp_model(**batch, num_items_in_batch=n_masked / proc.world_size)
         out.loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # the norm of the all-reduced gradients: the same on every rank, so all stop together
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"step {step}: the loss ({out.loss.item():.4g}) or its gradients are not finite, so training stops "
+                f"before the weights are spoilt; the last checkpoint in {out_dir} is intact. Lower pretrain.lr or "
+                "raise pretrain.warmup_steps, or check the corpus for empty cells")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update()
 
-        loss_simcse = out.loss_simcse if simcse else torch.zeros((), device=proc.device)
-        window += torch.stack([out.loss.detach(), out.loss_mlm.detach(), loss_simcse.detach(),
-                               batch["attention_mask"].sum().float()])
+        values = {"loss": out.loss, "loss_mlm": out.loss_mlm, "grad_norm": grad_norm,
+                  **({"loss_simcse": out.loss_simcse, **out.simcse_diagnostics} if simcse else {})}
+        window += torch.stack([values[k].detach().float() if k in values else torch.zeros((), device=proc.device)
+                               for k in _LOGGED] + [batch["attention_mask"].sum().float()])
         window_steps += 1
         if step % cfg.log_every == 0 or step == total_steps:
             if proc.world_size > 1:
                 dist.all_reduce(window)
-            *loss_sums, n_tokens = window.tolist()
-            loss, loss_mlm, loss_sim = (s / (window_steps * proc.world_size) for s in loss_sums)
-            metrics = {"loss": loss, "loss_mlm": loss_mlm, **({"loss_simcse": loss_sim} if simcse else {}), "lr": lr,
-                       "tokens_per_s": n_tokens / (time.perf_counter() - window_start)}
+            *sums, n_tokens = window.tolist()
+            means = dict(zip(_LOGGED, (s / (window_steps * proc.world_size) for s in sums)))
+            metrics = {k: v for k, v in means.items() if k in values}
+            metrics |= {"lr": lr, "tokens_per_s": n_tokens / (time.perf_counter() - window_start)}
             if live:
                 live.step = step
                 for name, value in metrics.items():
                     live.log_metric(name, value)
                 live.next_step()
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             window.zero_()
             window_steps, window_start = 0, time.perf_counter()
         if step % cfg.save_every == 0 or step == total_steps:
-            rng_states = _all_rng_states(proc, mask_rng)
+            rng_states = _all_rng_states(proc)
             if proc.is_main:
-                _save_checkpoint(checkpoint, {
-                    "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "batches": batches.state_dict(), "rng": rng_states,
-                    "model_config": _architecture(model.config), "pretrain_config": asdict(cfg),
-                    "dataset": dataset._fingerprint,
-                })
+                _save_checkpoint(checkpoint, {"step": step, "model": model.state_dict(),
+                                              "optimizer": optimizer.state_dict(), "rng": rng_states, "run": run})
     bar.close()
 
     if proc.is_main:

@@ -21,7 +21,9 @@ thread writes the output, so disk I/O overlaps the encoding.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -314,16 +316,25 @@ def _duplicate_merge(genes, tokens, medians_of):
     return merge, tokens[tokenized[first]], medians_of[tokenized[first]]
 
 
+LOG_SCALE_MAX = 20.0  # log1p(CP10k) stays below ~10 and log2(CPM) below ~20; linear-scale values rise far above
+
+
 def _check_values(data: np.ndarray, path, normalized: bool) -> None:
     if not np.isfinite(data).all():
         raise InputError(f"{path}: counts hold NaN or infinite values; fix or drop those cells before tokenizing")
     if (data < 0).any():
         raise InputError(f"{path}: counts hold negative values (e.g. {data[data < 0][0]}); give raw counts "
                          "(--counts raw or --counts LAYER if the file has them)")
-    if not normalized and not np.array_equal(data, np.rint(data)):
+    integers = np.array_equal(data, np.rint(data))
+    if not normalized and not integers:
         example = data[data != np.rint(data)][0]
         raise InputError(f"{path}: counts are not integers (e.g. {example:g}), so they look normalised; give raw "
                          "counts (--counts raw or --counts LAYER), or pass --normalized to accept them as they are")
+    if normalized and not integers and data.size and data.max() <= LOG_SCALE_MAX:
+        raise InputError(f"{path}: every value is <= {data.max():.3g} and not all are integers, so the values look "
+                         "log-transformed (e.g. scanpy's log1p); rank-value encoding divides each value by the "
+                         "cell's total, which needs counts or linear-scale normalised values: give raw counts "
+                         "(--counts raw or --counts LAYER), or undo the log (np.expm1) before tokenizing")
 
 
 # chunk workers -------------------------------------------------------------------------------------------------
@@ -369,17 +380,32 @@ def _encode_chunk(task) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
 
 
 class _chunk_results:
-    """Context manager yielding chunk results in task order, in this process or in a worker pool."""
+    """Context manager yielding chunk results in task order, in this process or in a worker pool.
 
-    def __init__(self, plans, tasks, workers):
+    The pool works at most ``prefetch`` chunks per worker ahead of the consumer: ``Pool.imap`` would queue every
+    chunk at once and hold all finished results in memory while the writer falls behind.
+    """
+
+    def __init__(self, plans, tasks, workers, prefetch: int = 2):
         self.plans, self.tasks, self.workers, self.pool = plans, tasks, max(1, workers), None
+        self.prefetch = prefetch
 
     def __enter__(self):
         if self.workers == 1 or len(self.tasks) == 1:
             _init_worker(self.plans)
             return map(_encode_chunk, self.tasks)
         self.pool = mp.get_context("spawn").Pool(self.workers, initializer=_init_worker, initargs=(self.plans,))
-        return self.pool.imap(_encode_chunk, self.tasks, chunksize=1)
+        return self._bounded()
+
+    def _bounded(self):
+        pending, tasks = deque(), iter(self.tasks)
+        for task in itertools.islice(tasks, self.workers * self.prefetch):
+            pending.append(self.pool.apply_async(_encode_chunk, (task,)))
+        while pending:
+            result = pending.popleft().get()
+            for task in itertools.islice(tasks, 1):
+                pending.append(self.pool.apply_async(_encode_chunk, (task,)))
+            yield result
 
     def __exit__(self, *exc):
         if self.pool is not None:

@@ -1,8 +1,9 @@
 """Stage pretrain: one pretrained model (Mix-Geneformer, or an MLM-only single-species baseline).
 
 The checkpoint folder persists across `dvc repro` (declared `persist: true`), so a killed run resumes where it
-stopped — but only if the checkpoint belongs to exactly this run (same model, settings and corpus); otherwise it
-starts over. A baseline can instead be taken from an existing checkpoint (params baselines.<name>.checkpoint).
+stopped — but only if the checkpoint belongs to exactly this run (same model, settings and corpus); otherwise the
+stage says what differs and starts over. Logging, saving and worker settings do not count: changing them reruns
+the stage, which finds its checkpoint complete and only writes the model again. A baseline can instead be taken from an existing checkpoint (params baselines.<name>.checkpoint).
 """
 
 import argparse
@@ -13,7 +14,7 @@ import torch
 from common import ROOT, load_params
 
 from mixgf.model import PRESETS, MixGFForPretraining, import_bert_checkpoint
-from mixgf.pretrain import PretrainConfig, checkpoint_matches, pretrain, save_model
+from mixgf.pretrain import PretrainConfig, checkpoint_differences, pretrain, save_model
 from mixgf.tokens import load_tokens
 from mixgf.vocab import GeneVocab, load_vocab
 
@@ -36,18 +37,20 @@ def main(argv=None):
         print(f"{args.name}: imported {baseline['checkpoint']} -> {args.out}")
         return
     simcse = params["simcse"] if baseline is None else {"weight": 0.0}
-    overrides = {f"simcse_{k}": v for k, v in simcse.items() if k in ("tau", "weight")}
+    overrides = {f"simcse_{k}": v for k, v in simcse.items() if k in ("loss", "tau", "weight")}
     overrides |= {k: v for k, v in simcse.items() if k in ("pooling", "gather_negatives")}
     torch.manual_seed(params["seed"])
     model = MixGFForPretraining(PRESETS[params["model"]["preset"]](meta, **overrides, **params["model"]["overrides"]))
     cfg = PretrainConfig(**params["pretrain"], seed=params["seed"])
-    resume = checkpoint_matches(args.state, model.config, cfg, dataset)
-    if resume:
+    differences = checkpoint_differences(args.state, model.config, cfg, dataset)
+    if differences == []:
         print(f"{args.name}: resuming from the checkpoint in {args.state}")
-    else:
-        shutil.rmtree(args.state, ignore_errors=True)
-    result = pretrain(model, dataset, meta, cfg, args.state, resume=resume, log_dir=args.logs, model_dir=args.out,
-                      vocab=vocab)
+    elif differences:
+        print(f"{args.name}: the checkpoint in {args.state} is of another run, so training starts over; it differs in:\n  "
+              + "\n  ".join(differences))
+        shutil.rmtree(args.state)
+    result = pretrain(model, dataset, meta, cfg, args.state, vocab=vocab, resume=differences == [], log_dir=args.logs,
+                      model_dir=args.out)
     trained = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()) or "the checkpoint was already complete"
     print(f"{args.name}: {result.step} steps; {trained}")
 

@@ -14,9 +14,9 @@ ALIEN = "ENSMUSG99999999999"  # a gene the unified vocabulary does not have
 
 
 @pytest.fixture(scope="module")
-def mouse_h5ad(shared_data, tmp_path_factory):
+def mouse_h5ad(test_data, tmp_path_factory):
     """cellrank mouse cells (integer 'ambiguous' counts) with Ensembl ids; one gene renamed to an alien id."""
-    a = ad.read_h5ad(shared_data / "cellrank" / "adata_200.h5ad")
+    a = ad.read_h5ad(test_data / "cellrank" / "adata_200_counts.h5ad")
     ids = a.var_names.map(V.symbol_map("mouse"))
     a = ad.AnnData(a.layers["ambiguous"], obs=a.obs[["clusters"]], var=pd.DataFrame(index=ids.fillna("none")))
     a = a[:, ~a.var_names.duplicated(keep=False) & (a.var_names != "none")].copy()
@@ -41,14 +41,14 @@ def test_remap_drops_missing_ids_and_counts_them():
     assert out.to_pylist() == [[], [], [13, 14]] and missing == 1
 
 
-def test_merge_of_foreign_vocabularies_equals_direct_tokenization(mouse_h5ad, foreign_mouse_vocab, shared_data,
+def test_merge_of_foreign_vocabularies_equals_direct_tokenization(mouse_h5ad, foreign_mouse_vocab, test_data,
                                                                   tmp_path):
     path, cells = mouse_h5ad
     medians = V.Medians(pd.Series(np.linspace(0.5, 3, cells.n_vars), index=cells.var_names))
     tokenize_files([path], tmp_path / "foreign", species="mouse", vocab=foreign_mouse_vocab, medians=medians,
                    progress=False)
     tokenize_files([path], tmp_path / "direct", species="mouse", medians=medians, progress=False)
-    human = shared_data / "scanpy-10x-3.0.0"
+    human = test_data / "scanpy-10x-3.0.0"
     tokenize_files([human], tmp_path / "human_v1", species="human", vocab=V.geneformer_v1_vocab(), progress=False)
     tokenize_files([human], tmp_path / "human_direct", species="human", progress=False)
 
@@ -69,8 +69,8 @@ def test_merge_of_foreign_vocabularies_equals_direct_tokenization(mouse_h5ad, fo
     assert len(mix) == sum(s.cells - s.cells_empty_after_remap for s in summaries)
 
 
-def test_shuffle_is_a_seeded_permutation_with_lengths(shared_data, tmp_path):
-    tokenize_files([shared_data / "scanpy-10x-3.0.0"], tmp_path / "tokens", species="human", progress=False)
+def test_shuffle_is_a_seeded_permutation_with_lengths(test_data, tmp_path):
+    tokenize_files([test_data / "scanpy-10x-3.0.0"], tmp_path / "tokens", species="human", progress=False)
     n = len(load_tokens(tmp_path / "tokens")[0])
     sources = [Source(str(tmp_path / "tokens"), UNIFIED, "human")] * 2
     runs = {}
@@ -87,8 +87,8 @@ def test_shuffle_is_a_seeded_permutation_with_lengths(shared_data, tmp_path):
     assert (np.load(tmp_path / "a" / "lengths.npy") == np.array(a["length"])).all()
 
 
-def test_merge_refuses_a_dataset_made_with_another_vocabulary(shared_data, tmp_path):
-    tokenize_files([shared_data / "scanpy-10x-3.0.0"], tmp_path / "tokens", species="human", progress=False)
+def test_merge_refuses_a_dataset_made_with_another_vocabulary(test_data, tmp_path):
+    tokenize_files([test_data / "scanpy-10x-3.0.0"], tmp_path / "tokens", species="human", progress=False)
     with pytest.raises(ValueError, match="was tokenized with vocabulary mixgf.*not geneformer-gc30M"):
         merge_corpora([Source(str(tmp_path / "tokens"), V.geneformer_v1_vocab(), "human")], tmp_path / "mix", UNIFIED)
     assert not (tmp_path / "mix").exists()

@@ -1,4 +1,4 @@
-"""mixgf.model and mixgf.collate: config, presets, masking, pooling, NT-Xent, masked-only logits, BERT compatibility."""
+"""mixgf.model: config, presets, pooling, masked-only logits, the loss terms, BERT compatibility."""
 
 import math
 
@@ -9,7 +9,7 @@ from transformers import BertForMaskedLM
 
 from mixgf.collate import MLMCollator
 from mixgf.model import (
-    IGNORE_INDEX, MixGFConfig, MixGFForPretraining, check_token_dataset, demo_config, mean_pool, nt_xent, paper_config,
+    IGNORE_INDEX, MixGFConfig, MixGFForPretraining, check_token_dataset, demo_config, mean_pool, paper_config,
 )
 from mixgf.vocab import GeneVocab, default_vocab
 
@@ -26,7 +26,7 @@ def tiny_batch(n: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(4, 25, (n,), generator=g).tolist()
     sequences = [torch.randint(2, len(VOCAB), (length,), generator=g) for length in lengths]
-    return MLMCollator(len(VOCAB), mlm_probability=0.3)(sequences, generator=g)
+    return MLMCollator.for_vocab(VOCAB, ["human"], mlm_probability=0.3)(sequences, [0] * n, range(n))
 
 
 def test_config_validates_and_presets_follow_the_paper():
@@ -55,46 +55,6 @@ def test_check_token_dataset_refuses_another_vocabulary_medians_or_length():
     check_token_dataset(config, {**META, "medians": {"mouse": {"name": "m", "hash": "ffff", "size": 298}}})  # unseen species
     with pytest.raises(ValueError, match="max_len=24"):
         check_token_dataset(config, {**META, "max_len": 48})
-
-
-def test_mlm_masking_statistics():
-    g = torch.Generator().manual_seed(0)
-    sequences = [torch.randint(2, len(VOCAB), (int(n),), generator=g) for n in torch.randint(20, 200, (600,), generator=g)]
-    batch = MLMCollator(len(VOCAB), pad_to_multiple_of=8)(sequences, generator=g)
-    longest = max(len(s) for s in sequences)
-    assert batch["input_ids"].shape[1] == 8 * math.ceil(longest / 8)  # padded per batch, to a multiple of 8
-    original = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
-    original = F.pad(original, (0, batch["input_ids"].shape[1] - longest))  # as wide as the batch
-    real = batch["attention_mask"].bool()
-    chosen = batch["labels"] != IGNORE_INDEX
-
-    assert (real == (original != VOCAB.pad_id)).all() and (batch["input_ids"][~real] == VOCAB.pad_id).all()
-    assert not (chosen & ~real).any()  # padding is never masked
-    assert (batch["labels"][chosen] == original[chosen]).all() and (batch["input_ids"][~chosen] == original[~chosen]).all()
-    assert abs(chosen.sum() / real.sum() - 0.15) < 0.01
-
-    ids, labels = batch["input_ids"][chosen], batch["labels"][chosen]
-    to_mask, unchanged = ids == VOCAB.mask_id, ids == labels
-    to_random = ~to_mask & ~unchanged
-    assert abs(to_mask.float().mean() - 0.8) < 0.02
-    assert abs(to_random.float().mean() - 0.1) < 0.015 and abs(unchanged.float().mean() - 0.1) < 0.015
-    assert (ids[to_random] >= 2).all() and (ids[to_random] < len(VOCAB)).all()  # random genes, never <pad> / <mask>
-
-
-def test_nt_xent_matches_an_explicit_loop():
-    torch.manual_seed(0)
-    z1, z2, tau = torch.randn(5, 7), torch.randn(5, 7), 0.05
-    views = [v.tolist() for v in torch.cat([z1, z2])]
-
-    def cos(a, b):
-        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
-
-    losses = []
-    for i, view in enumerate(views):
-        positive = (i + 5) % 10
-        others = sum(math.exp(cos(view, views[k]) / tau) for k in range(10) if k != i)
-        losses.append(-math.log(math.exp(cos(view, views[positive]) / tau) / others))
-    assert nt_xent(z1, z2, tau).item() == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
 def test_first_pooling_is_berts_pooler_and_mean_pooling_skips_padding():
@@ -166,3 +126,49 @@ def test_import_bert_checkpoint_moves_gene_rows_to_the_unified_ids(tmp_path):
     shared = target_vocab.ids(source_vocab.tokens)
     assert torch.allclose(ours[..., torch.from_numpy(shared)], theirs, atol=1e-5)
     assert model.config.simcse_weight == 0 and model.config.vocab == target_vocab.identity()
+
+
+LOAD_WITHOUT_MIXGF = """
+import json, sys
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification
+config = AutoConfig.from_pretrained(sys.argv[1])
+_, mlm = AutoModelForMaskedLM.from_pretrained(sys.argv[1], output_loading_info=True)
+_, clf = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], num_labels=3, output_loading_info=True)
+print(json.dumps({"type": type(config).__name__, "simcse_tau": config.simcse_tau, "mixgf": "mixgf" in sys.modules,
+                  "mlm": {k: sorted(v) for k, v in mlm.items()}, "clf": {k: sorted(v) for k, v in clf.items()}}))
+"""
+
+
+def test_saved_model_is_a_plain_bert_checkpoint_for_any_hugging_face_user(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["architectures"] == ["BertForMaskedLM"]
+    run = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_MIXGF, str(tmp_path)], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = json.loads(run.stdout.splitlines()[-1])
+    assert loaded["type"] == "BertConfig" and loaded["simcse_tau"] == 0.05 and not loaded["mixgf"]
+    assert loaded["mlm"] == {"missing_keys": [], "unexpected_keys": ["bert.pooler.dense.bias", "bert.pooler.dense.weight"],
+                             "mismatched_keys": [], "error_msgs": []}  # BertForMaskedLM has no pooler; nothing lacks
+    assert loaded["clf"]["missing_keys"] == ["classifier.bias", "classifier.weight"]  # the new head, nothing else
+    assert loaded["clf"]["unexpected_keys"] == sorted(
+        ["cls.predictions.bias", "cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
+         "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias"])  # the MLM head
+
+
+@pytest.mark.parametrize("name", ["nt_xent", "eq3"])
+def test_the_configured_simcse_loss_is_the_one_computed(name):
+    from mixgf import simcse
+
+    with pytest.raises(ValueError, match="simcse_loss must be one of"):
+        MixGFConfig(simcse_loss="infonce")
+    model, batch = tiny_model(simcse_loss=name).eval(), tiny_batch()  # eval: no dropout, both views equal
+    out = model(**batch)
+    z = model.pool(model.bert(batch["input_ids"], attention_mask=batch["attention_mask"]), batch["attention_mask"])
+    torch.testing.assert_close(out.loss_simcse, simcse.LOSSES[name](z, z, 0.05))
+    assert set(out.simcse_diagnostics) == {"simcse_pos_cos", "simcse_neg_cos", "simcse_accuracy"}
+    torch.testing.assert_close(out.simcse_diagnostics["simcse_pos_cos"], torch.tensor(1.0))

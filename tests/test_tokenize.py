@@ -84,28 +84,28 @@ def test_n_counts_from_obs_and_filter_pass(tmp_path):
 # --- real data -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pbmc(shared_data):
-    """pbmc_demo raw counts with Geneformer's conventions: var['ensembl_id'], obs['n_counts']."""
-    a = ad.read_h5ad(shared_data / "scconvert" / "pbmc_demo.h5ad")
-    a = ad.AnnData(a.raw.X.astype(np.float32), obs=a.obs[["seurat_annotations"]], var=a.raw.var[[]])
-    ids = a.var_names.map(V.symbol_map("human"))
-    a = a[:, ~ids.isna()].copy()
-    a.var["ensembl_id"] = ids[~ids.isna()]
-    a = a[:, ~a.var["ensembl_id"].duplicated(keep=False).to_numpy()].copy()
-    a.obs["n_counts"] = np.asarray(a.X.sum(axis=1)).ravel()
+def pbmc():
+    """700 real PBMCs (scanpy's bundled pbmc68k_reduced, counts recovered by mixgf.demo) with Geneformer's
+    conventions: var['ensembl_id'], obs['n_counts'] (each cell's library size over all its genes, as in the file)."""
+    from mixgf.demo import pbmc68k_immune
+
+    a = pbmc68k_immune()
+    a = ad.AnnData(a.X, obs=a.obs[["cell_type", "n_counts"]], var=pd.DataFrame(index=a.var_names.to_numpy()))
+    a = a[:, ~a.var_names.duplicated(keep=False)].copy()
+    a.var["ensembl_id"] = a.var_names.to_numpy()
     return a
 
 
-def test_same_token_ids_as_geneformer_v1_on_real_cells(pbmc, shared_data, tmp_path):
-    token_dict = V.load_pickle_dict(shared_data / "geneformer" / "token_dictionary_gc30M.pkl")
-    median_dict = V.load_pickle_dict(shared_data / "geneformer" / "gene_median_dictionary_gc30M.pkl")
+def test_same_token_ids_as_geneformer_v1_on_real_cells(pbmc, test_data, tmp_path):
+    token_dict = V.load_pickle_dict(test_data / "geneformer" / "token_dictionary_gc30M.pkl")
+    median_dict = V.load_pickle_dict(test_data / "geneformer" / "gene_median_dictionary_gc30M.pkl")
     expected = _geneformer_v1_reference(pbmc, token_dict, median_dict)
     tokenize_files([_write(tmp_path, pbmc)], tmp_path / "out", species="human",
-                   obs_keys=["seurat_annotations"], progress=False)
+                   obs_keys=["cell_type"], progress=False)
     ds, _ = load_tokens(tmp_path / "out")
-    assert len(ds) == pbmc.n_obs == 500
+    assert len(ds) == pbmc.n_obs == 700
     assert all(list(e) == got for e, got in zip(expected, ds["input_ids"]))
-    assert ds["seurat_annotations"] == list(pbmc.obs["seurat_annotations"].astype(str))
+    assert ds["cell_type"] == list(pbmc.obs["cell_type"].astype(str))
 
 
 def test_truncation_and_ties_agree_with_simple_reference(pbmc, tmp_path):
@@ -130,8 +130,8 @@ def test_collisions_of_truncated_keys_are_ordered_exactly():
     assert tokens[offsets[1]:offsets[2]].tolist() == [11, 12]
 
 
-def test_10x_folder_with_ensembl_ids_and_two_workers(shared_data, tmp_path):
-    folder = shared_data / "scanpy-10x-3.0.0"
+def test_10x_folder_with_ensembl_ids_and_two_workers(test_data, tmp_path):
+    folder = test_data / "scanpy-10x-3.0.0"
     one = tokenize_files([folder], tmp_path / "one", species="human", chunk_size=100, progress=False)
     two = tokenize_files([folder, folder], tmp_path / "two", species="human", chunk_size=100, workers=2,
                          progress=False)
@@ -153,8 +153,8 @@ def test_loom_input_matches_h5ad(pbmc, tmp_path):
     assert load_tokens(tmp_path / "a")[0]["input_ids"] == load_tokens(tmp_path / "b")[0]["input_ids"]
 
 
-def test_mouse_symbols_from_a_count_layer(shared_data, tmp_path):
-    path = shared_data / "cellrank" / "adata_200.h5ad"
+def test_mouse_symbols_from_a_count_layer(test_data, tmp_path):
+    path = test_data / "cellrank" / "adata_200_counts.h5ad"
     genes = ad.read_h5ad(path).var_names.map(V.symbol_map("mouse")).dropna()
     medians = V.Medians(pd.Series(1.0, index=genes.unique()))
     result = tokenize_files([path], tmp_path / "out", species="mouse", counts="ambiguous", medians=medians,
@@ -187,11 +187,16 @@ def _bad(tmp_path, adata=None, path=None, match="", **kwargs):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_rejects_non_integer_counts_unless_normalized(shared_data, tmp_path):
-    path = shared_data / "cellrank" / "adata_200.h5ad"
+def test_rejects_non_integer_counts_unless_normalized(test_data, tmp_path):
+    path = test_data / "cellrank" / "adata_200_counts.h5ad"
     medians = V.Medians(pd.Series(1.0, index=list(V.symbol_map("mouse").values())))
     _bad(tmp_path, path=path, species="mouse", medians=medians, match="not integers.*--normalized")
-    tokenize_files([path], tmp_path / "out", species="mouse", normalized=True, medians=medians, progress=False)
+    # these cells are log1p-normalised: --normalized must refuse them, rank-value encoding needs a linear scale
+    _bad(tmp_path, path=path, species="mouse", medians=medians, normalized=True, match="look log-transformed")
+    linear = ad.read_h5ad(path)
+    linear.X = np.expm1(linear.X)  # linear-scale normalised values are accepted as they are
+    tokenize_files([_write(tmp_path, linear)], tmp_path / "out", species="mouse", normalized=True, medians=medians,
+                   progress=False)
     assert load_tokens(tmp_path / "out")[1]["normalized"] is True
 
 

@@ -7,8 +7,8 @@ import pytest
 from mixgf import vocab as V
 
 
-def test_unified_vocab_keeps_geneformer_ids_then_sorted_mouse(shared_data):
-    gf = V.load_pickle_dict(shared_data / "geneformer" / "token_dictionary_gc30M.pkl")
+def test_unified_vocab_keeps_geneformer_ids_then_sorted_mouse(test_data):
+    gf = V.load_pickle_dict(test_data / "geneformer" / "token_dictionary_gc30M.pkl")
     vocab = V.default_vocab()
     assert vocab.tokens[:2] == ("<pad>", "<mask>")
     assert len(gf) == 25_426 and all(vocab[g] == i for g, i in gf.items())
@@ -19,8 +19,8 @@ def test_unified_vocab_keeps_geneformer_ids_then_sorted_mouse(shared_data):
     assert (V.default_vocab().species_ids("mouse") >= 25_426).all() and len(vocab.species_ids("human")) == 25_424
 
 
-def test_bundled_medians_equal_geneformer_pickle_bit_for_bit(shared_data):
-    gf = V.load_pickle_dict(shared_data / "geneformer" / "gene_median_dictionary_gc30M.pkl")
+def test_bundled_medians_equal_geneformer_pickle_bit_for_bit(test_data):
+    gf = V.load_pickle_dict(test_data / "geneformer" / "gene_median_dictionary_gc30M.pkl")
     med = V.default_medians("human").values
     assert len(med) == len(gf) == 25_424
     assert all(med[g] == v for g, v in gf.items())

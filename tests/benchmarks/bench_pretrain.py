@@ -4,6 +4,7 @@ Not a test (pytest does not collect ``bench_*.py``). Run from the repository roo
 
     python tests/benchmarks/bench_pretrain.py --cells 2000 --steps 20 --rounds 3 --max-len 256
     python tests/benchmarks/bench_pretrain.py --corpus data/corpus/mix --fixed-len 2048   # the demo corpus
+    python tests/benchmarks/bench_pretrain.py --corpus data/corpus/mix --num-workers 1    # batches built in a worker
 
 Each row trains a model of the ``--preset`` size (demo: 2 x 64) on the full ~82.6k-gene vocabulary with
 :func:`mixgf.pretrain.pretrain` and reports non-pad tokens per second over the second half of the run, the best of
@@ -35,11 +36,11 @@ def synthetic_corpus(n_cells: int, max_len: int, vocab_size: int, seed: int = 0)
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(np.log(0.45 * max_len), 0.6, n_cells), 0.05 * max_len, max_len).astype(int)
     cells = [rng.choice(np.arange(2, vocab_size), size=n, replace=False).astype(np.int32) for n in lengths]
-    return datasets.Dataset.from_dict({"input_ids": cells, "length": lengths})
+    return datasets.Dataset.from_dict({"input_ids": cells, "length": lengths, "species": ["human"] * n_cells})
 
 
-def tokens_per_s(dataset, meta, preset: str, *, steps: int, batch_size: int, grouped: bool, fixed_padding: bool,
-                 simcse: bool, fixed_len: int) -> float:
+def tokens_per_s(dataset, meta, vocab, preset: str, *, steps: int, batch_size: int, grouped: bool, fixed_padding: bool,
+                 simcse: bool, fixed_len: int, num_workers: int) -> float:
     torch.manual_seed(0)
     model = MixGFForPretraining(PRESETS[preset](meta, simcse_weight=1.0 if simcse else 0.0,
                                                 max_position_embeddings=max(fixed_len, meta["max_len"])))
@@ -47,9 +48,10 @@ def tokens_per_s(dataset, meta, preset: str, *, steps: int, batch_size: int, gro
         lr=1e-3, warmup_steps=steps // 4, batch_size=batch_size, max_steps=steps, log_every=steps // 2, save_every=steps,
         megabatch=50 if grouped else 1,  # one batch per mega-batch = plain random batches
         pad_to_multiple_of=fixed_len if fixed_padding else 8,  # rounding up to fixed_len = fixed padding
+        num_workers=num_workers,
     )
     with tempfile.TemporaryDirectory() as out_dir:
-        result = pretrain(model, dataset, meta, cfg, out_dir, resume=False)
+        result = pretrain(model, dataset, meta, cfg, out_dir, vocab=vocab, resume=False)
     return result.metrics["tokens_per_s"]
 
 
@@ -80,13 +82,14 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size (paper: 6 x 256)")
     parser.add_argument("--corpus", help="a token dataset (e.g. data/corpus/mix) instead of synthetic cells")
     parser.add_argument("--fixed-len", type=int, help="length of fixed padding (default: max_len; the paper: 2048)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader processes building the batches")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     vocab = default_vocab()
     if args.corpus:
         corpus, meta = load_tokens(args.corpus)
-        dataset = corpus.select(range(min(args.cells, len(corpus)))).select_columns(["input_ids", "length"])
+        dataset = corpus.select(range(min(args.cells, len(corpus)))).select_columns(["input_ids", "length", "species"])
     else:
         meta = {"vocab": vocab.identity(), "medians": None, "max_len": args.max_len}
         dataset = synthetic_corpus(args.cells, args.max_len, len(vocab))
@@ -96,7 +99,7 @@ def main(argv=None) -> None:
           f"{lengths.mean():.0f}, {(lengths == meta['max_len']).mean():.0%} at max_len {meta['max_len']}; fixed padding "
           f"to {fixed_len}; batch {args.batch_size}; "
           f"{args.steps} steps x {args.rounds} rounds; {args.preset} model; vocab {len(vocab)}; "
-          f"torch threads {torch.get_num_threads()}\n")
+          f"torch threads {torch.get_num_threads()}; DataLoader workers {args.num_workers}\n")
 
     rows = [
         (f"fixed padding to {fixed_len}, random batches", False, True, False),
@@ -108,9 +111,10 @@ def main(argv=None) -> None:
     best = np.zeros(len(rows))
     for _ in range(args.rounds):
         for i, (_, grouped, fixed_padding, simcse) in enumerate(rows):
-            best[i] = max(best[i], tokens_per_s(dataset, meta, args.preset, steps=args.steps, batch_size=args.batch_size,
-                                                grouped=grouped, fixed_padding=fixed_padding, simcse=simcse,
-                                                fixed_len=fixed_len))
+            best[i] = max(best[i], tokens_per_s(dataset, meta, vocab, args.preset, steps=args.steps,
+                                                batch_size=args.batch_size, grouped=grouped,
+                                                fixed_padding=fixed_padding, simcse=simcse, fixed_len=fixed_len,
+                                                num_workers=args.num_workers))
     print("| batches | real tokens/s | vs fixed padding |\n|---|---:|---:|")
     for (name, *_), value in zip(rows, best):
         print(f"| {name} | {value:,.0f} | {value / best[0]:.2f}x |")
@@ -119,7 +123,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = MixGFForPretraining(PRESETS[args.preset](meta, simcse_weight=0.0)).train()
     cells = dataset.select(range(args.batch_size)).with_format("torch")["input_ids"]
-    batch = MLMCollator(len(vocab))(list(cells), generator=torch.Generator().manual_seed(0))
+    batch = MLMCollator.for_vocab(vocab, ["human"])(list(cells), [0] * len(cells), range(len(cells)))
     masked, full = step_seconds(model, batch, full_logits=False), step_seconds(model, batch, full_logits=True)
     print("| MLM logits | s per forward + backward |\n|---|---:|")
     print(f"| masked positions only | {masked:.3f} |\n| every position | {full:.3f} ({full / masked:.1f}x) |")
