@@ -52,10 +52,12 @@ def _pretrain(args) -> None:
                          "pass the vocabulary that made it with --vocab")
     torch.manual_seed(args.seed)
     model = MixGFForPretraining(PRESETS[args.preset](meta, simcse_weight=args.simcse_weight, simcse_tau=args.tau,
-                                                     pooling=args.pooling, gather_negatives=args.gather_negatives))
+                                                     pooling=args.pooling, gather_negatives=args.gather_negatives,
+                                                     simcse_loss=args.simcse_loss))
     cfg = PretrainConfig(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                          batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
-                         save_every=args.save_every, seed=args.seed)
+                         save_every=args.save_every, log_every=args.log_every, num_workers=args.num_workers,
+                         deterministic=args.deterministic, seed=args.seed)
     result = pretrain(model, dataset, meta, cfg, args.out, log_dir=args.logs, vocab=vocab)
     print(f"{result.step} steps -> {result.model_dir}", file=sys.stderr)
 
@@ -96,6 +98,97 @@ def _merge(args) -> None:
                                  rows_per_bucket=args.rows_per_bucket):
         print(summary.line(), file=sys.stderr)
     print(f"merged corpus -> {args.out}", file=sys.stderr)
+
+
+def _finetune(args) -> None:
+    """Fine-tune a pretrained model on one labelled token dataset (SPEC §5); print the val-selected epoch."""
+    from mixgf.classify import FinetuneConfig, finetune
+    from mixgf.tokens import load_tokens
+    from mixgf.vocab import load_vocab
+
+    dataset, meta = load_tokens(args.tokens)
+    cfg = FinetuneConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
+                         warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay, seed=args.seed,
+                         dtype=args.dtype, max_len=args.max_len, min_fraction=args.min_fraction,
+                         test_fraction=args.test_fraction, val_fraction=args.val_fraction)
+    result = finetune(args.pretrained, dataset, meta, args.label, cfg, out_dir=args.out, random_init=args.random_init,
+                      vocab=load_vocab(args.vocab) if args.vocab else None, source=str(args.tokens))
+    m = result.metrics
+    val = "n/a" if m["val_accuracy"] is None else f"{m['val_accuracy']:.4f}"
+    print(f"epoch {result.best_epoch} (best on validation): val accuracy {val}, test accuracy "
+          f"{m['test_accuracy']:.4f}, test macro-F1 {m['test_macro_f1']:.4f}; best test accuracy over epochs "
+          f"{m['test_accuracy_best_on_test']:.4f}")
+    print(f"{m['n_train']:,} train / {m['n_val']:,} val / {m['n_test']:,} test cells, {m['n_labels']} labels -> "
+          f"{result.out_dir}", file=sys.stderr)
+
+
+def _predict(args) -> None:
+    """Predict cell types; with --label also score them (accuracy, macro-F1, 95% bootstrap intervals)."""
+    import numpy as np
+    from transformers import AutoConfig
+
+    from mixgf.classify import predict
+    from mixgf.io import write_json_atomic, write_text_atomic
+    from mixgf.stats import bootstrap_ci
+    from mixgf.tokens import load_tokens
+    from mixgf.vocab import load_vocab
+
+    dataset, meta = load_tokens(args.tokens)
+    if args.label and args.label not in dataset.column_names:
+        raise ValueError(f"{args.tokens} has no column {args.label!r}; its columns are {dataset.column_names}")
+    frame = predict(args.classifier, dataset, meta, batch_size=args.batch_size, source=str(args.tokens),
+                    vocab=load_vocab(args.vocab) if args.vocab else None)
+    write_text_atomic(args.out, frame.to_csv(index=False))
+    print(f"{len(frame):,} cells -> {args.out}", file=sys.stderr)
+    if not args.label:
+        return
+    y, pred = frame[args.label].astype(str).to_numpy(), frame["predicted"].astype(str).to_numpy()
+    scores = {"n_cells": len(frame), "label": args.label}
+    for name in ("accuracy", "macro_f1"):
+        estimate, low, high = bootstrap_ci(y, pred, name, n_boot=2000, seed=0)
+        scores[name] = {"estimate": estimate, "ci95": [low, high]}
+    known = list(AutoConfig.from_pretrained(args.classifier).label2id)  # a cell of another type is always wrong
+    scores["n_cells_label_unknown_to_classifier"] = int((~np.isin(y, known)).sum())
+    path = Path(args.out).with_suffix(".json")
+    write_json_atomic(path, scores)
+    print(f"accuracy {scores['accuracy']['estimate']:.4f} (95% CI {scores['accuracy']['ci95'][0]:.4f}-"
+          f"{scores['accuracy']['ci95'][1]:.4f}), macro-F1 {scores['macro_f1']['estimate']:.4f} (95% CI "
+          f"{scores['macro_f1']['ci95'][0]:.4f}-{scores['macro_f1']['ci95'][1]:.4f})")
+    print(f"scores -> {path}", file=sys.stderr)
+
+
+def _embed(args) -> None:
+    """Cell embeddings (mean of one layer over genes) of a token dataset or an .h5ad, into .obsm['X_mixgf']."""
+    import anndata as ad
+    import numpy as np
+
+    from mixgf.embed import embed_anndata, embed_cells
+    from mixgf.tokens import load_tokens
+    from mixgf.vocab import load_vocab
+
+    path = Path(args.input)
+    if path.suffix == ".h5ad":
+        if not args.species:
+            raise ValueError(f"{path}: name the species of its cells (--species human or mouse) to tokenize them")
+        adata = ad.read_h5ad(path)
+        embed_anndata(adata, args.model, species=args.species, layer=args.layer, batch_size=args.batch_size,
+                      medians=args.medians, counts=args.counts, gene_column=args.gene_column)
+    else:
+        dataset, meta = load_tokens(path)
+        embedding = embed_cells(args.model, dataset, meta, layer=args.layer, batch_size=args.batch_size,
+                                vocab=load_vocab(args.vocab) if args.vocab else None, source=str(path))
+        obs = dataset.select_columns([c for c in dataset.column_names if c not in ("input_ids", "length")]).to_pandas()
+        obs.index = obs.pop("cell_id").astype(str) if "cell_id" in obs else obs.index.astype(str)
+        adata = ad.AnnData(obs=obs, obsm={"X_mixgf": embedding})
+        adata.uns["X_mixgf"] = {"model": str(args.model), "layer": args.layer}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.h5ad")  # written whole, then renamed
+    adata.write_h5ad(tmp)
+    tmp.replace(out)
+    n = int(np.isfinite(adata.obsm["X_mixgf"]).all(1).sum())
+    print(f"{n:,} of {adata.n_obs:,} cells embedded ({adata.obsm['X_mixgf'].shape[1]} dimensions) -> {out}",
+          file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", default="mixgf", help="the corpus's vocabulary (saved with the model)")
     p.add_argument("--preset", default="paper", choices=["paper", "demo"], help="architecture")
     p.add_argument("--simcse-weight", type=float, default=1.0, help="0: MLM only (the baselines)")
-    p.add_argument("--tau", type=float, default=0.05, help="NT-Xent temperature")
+    p.add_argument("--simcse-loss", default="nt_xent", choices=["nt_xent", "eq3"],
+                   help="nt_xent: over the 2N views (the authors' code); eq3: the paper's Eq. 3 (N x N, one way)")
+    p.add_argument("--tau", type=float, default=0.05, help="SimCSE temperature")
     p.add_argument("--pooling", default="first", choices=["first", "mean"])
     p.add_argument("--gather-negatives", action="store_true", help="all-gather SimCSE negatives across processes")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -157,9 +252,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-steps", type=int, help="a fixed number of steps instead of --epochs")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (a rerun resumes)")
+    p.add_argument("--log-every", type=int, default=10, help="log the losses every N steps")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes building batches")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms (CUDA: bit-identical reruns, slower)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--logs", help="dvclive folder for the loss curves")
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model to classify cells (the paper's split)")
+    p.add_argument("pretrained", help="pretrained model folder (config.json, model.safetensors, vocab.tsv)")
+    p.add_argument("tokens", help="labelled token dataset (e.g. data/finetune/human_Immune)")
+    p.add_argument("--label", required=True, help="obs column holding the labels (e.g. cell_type)")
+    p.add_argument("--out", required=True, type=Path, help="classifier folder (replaced atomically)")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--warmup-fraction", type=float, default=0.1,
+                   help="cap of the warmup as a share of all steps (1: the paper's 500 steps always)")
+    p.add_argument("--weight-decay", type=float, default=0.001)
+    p.add_argument("--seed", type=int, default=42, help="split shuffle and training")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype on GPUs")
+    p.add_argument("--max-len", type=int, help="keep at most this many top-ranked genes per cell")
+    p.add_argument("--min-fraction", type=float, default=0.005, help="drop cell types with <= this share of cells")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training cells that picks the epoch")
+    p.add_argument("--random-init", action="store_true", help="same architecture, no pretrained weights (control)")
+    p.add_argument("--vocab", help="vocabulary of a checkpoint whose config records none (geneformer-v1 or a file)")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("predict", help="predict cell types with a fine-tuned classifier")
+    p.add_argument("classifier", help="classifier folder from `mixgf finetune`")
+    p.add_argument("tokens", help="token dataset made with the classifier's vocabulary")
+    p.add_argument("--out", required=True, help="CSV: cell_index, the obs columns, predicted, probability")
+    p.add_argument("--label", help="obs column of true labels: print accuracy and macro-F1, write OUT.json")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--vocab", help="vocabulary of a classifier whose config records none")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("embed", help="cell embeddings: mean of one layer over a cell's genes, in .obsm['X_mixgf']")
+    p.add_argument("model", help="model folder (pretrained or fine-tuned)")
+    p.add_argument("input", help="token dataset, or an .h5ad of raw counts (tokenized with the model's vocabulary)")
+    p.add_argument("--out", required=True, help="output .h5ad (obs of the input, .obsm['X_mixgf'])")
+    p.add_argument("--layer", type=int, default=0, help="0: last layer, -1: the one before (Geneformer's emb_layer)")
+    p.add_argument("--species", help="species of an .h5ad input")
+    p.add_argument("--medians", help="gene median TSV for an .h5ad input (default: the bundled ones)")
+    p.add_argument("--counts", default="X", help="count matrix of an .h5ad input: X, raw, or a layer name")
+    p.add_argument("--gene-column", help="var column of an .h5ad input holding gene ids")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--vocab", help="vocabulary of a model whose config records none")
+    p.set_defaults(func=_embed)
 
     p = sub.add_parser("import-dict", help="convert a Geneformer-style pickle to TSV (safely)")
     p.add_argument("pickle")

@@ -1,0 +1,324 @@
+"""mixgf.classify and `mixgf finetune` / `mixgf predict`: the paper's split, fine-tuning on real cells, prediction.
+
+The real cells are scanpy's bundled pbmc68k_reduced (700 PBMCs, 10 FACS-sorted types; counts recovered by
+mixgf.demo), tokenized with a vocabulary of their own 690 genes so that a tiny BERT trains in seconds on 2 cores
+(with the 82,606-gene vocabulary AdamW's update of the embedding matrix alone takes 4x longer than the model).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from mixgf.classify import FinetuneConfig, finetune, predict, split_cells
+from mixgf.cli import main
+from mixgf.tokens import load_tokens
+from mixgf.vocab import GeneVocab, default_medians, default_vocab, geneformer_v1_vocab
+
+MAX_LEN = 64
+FAST = dict(lr=3e-3, epochs=6)  # a tiny random "pretrained" model needs a larger LR than the paper's 5e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and threads fighting other jobs for 2 cores slow these tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pbmc(tmp_path_factory):
+    """(token dataset path, its vocabulary): 700 real PBMCs, max_len 64, obs column cell_type."""
+    from mixgf.demo import pbmc68k_immune
+    from mixgf.tokenize import tokenize_files
+
+    root = tmp_path_factory.mktemp("pbmc")
+    cells = pbmc68k_immune()
+    cells.write_h5ad(root / "pbmc.h5ad")
+    known = set(cells.var_names) & set(default_medians("human").values.index)
+    vocab = GeneVocab(default_vocab().tokens[:2] + tuple(g for g in default_vocab().tokens if g in known), name="pbmc")
+    tokenize_files([root / "pbmc.h5ad"], root / "tokens", species="human", vocab=vocab, obs_keys=["cell_type"],
+                   max_len=MAX_LEN, progress=False)
+    return root / "tokens", vocab
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, pbmc):
+    """A tiny checkpoint in the shape of ours: a BERT config with vocab / medians / max_len, BertForMaskedLM weights."""
+    path, vocab = pbmc
+    _, meta = load_tokens(path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=MAX_LEN, vocab=vocab.identity(),
+                        medians=meta["medians"], max_len=MAX_LEN)
+    out = tmp_path_factory.mktemp("pretrained")
+    BertForMaskedLM(config).save_pretrained(out)
+    vocab.write(out / "vocab.tsv")
+    return out
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, pbmc, pretrained):
+    dataset, meta = load_tokens(pbmc[0])
+    out = tmp_path_factory.mktemp("clf") / "classifier"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the BertForMaskedLM checkpoint has no pooler: warned, tested elsewhere
+        return finetune(pretrained, dataset, meta, "cell_type", FinetuneConfig(**FAST), out_dir=out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the split
+# ---------------------------------------------------------------------------------------------------------------
+
+def toy_labels() -> np.ndarray:
+    """20 cells: A x 10, B x 5, C x 2, D x 1 (exactly 5%), E x 2."""
+    labels = np.array(["A"] * 10 + ["B"] * 5 + ["C", "C"] + ["D"] + ["E", "E"])
+    labels[[13, 16]], labels[15] = "C", "B"  # C at rows 13 and 16, B at rows 10, 11, 12, 14, 15
+    return labels
+
+
+def test_split_rule_by_hand():
+    labels = toy_labels()
+    split = split_cells(labels, min_fraction=0.05, val_fraction=0.25, seed=42)
+    # D holds 1/20 = 5% <= 5%: dropped; C holds 10% and stays. The 19 kept rows are 0..16, 18, 19;
+    # default_rng(42).permutation(19) = [14, 9, 17, 7, 12, 10, 6, 18, 3, 0, 15, 5, 11, 2, 4, 16, 1, 13, 8] puts them in
+    # the order 14 9 18 7 12 10 6 19 3 0 15 5 11 2 4 | 16 1 13 8, cut after round(19 x 0.8) = 15 rows.
+    assert split.dropped_types == {"D": 1}
+    train80 = [14, 9, 18, 7, 12, 10, 6, 19, 3, 0, 15, 5, 11, 2, 4]
+    # test rows 16 and 13 are C, which no training row holds: dropped
+    assert split.test.tolist() == [1, 8] and split.n_unseen_test == 2
+    assert split.labels == ("A", "B", "E")
+    assert sorted(np.concatenate([split.train, split.val]).tolist()) == sorted(train80)
+    # validation: floor(0.25 x count + 0.5) of each type, never a type's last cell: A 8 -> 2, B 5 -> 1, E 2 -> 1
+    assert sorted(labels[split.val].tolist()) == ["A", "A", "B", "E"]
+    assert not set(split.val) & set(split.train) and not set(split.val) & set(split.test)
+    again = split_cells(labels, min_fraction=0.05, val_fraction=0.25, seed=42)
+    assert again.to_json() == split.to_json()  # deterministic
+    # the boundary the other way: 1 cell of 199 is 0.503% > 0.5%, so it stays
+    assert split_cells(["x"] * 198 + ["y"]).dropped_types == {}
+    assert split_cells(["x"] * 199 + ["y"]).dropped_types == {"y": 1}  # 1/200 = 0.5% exactly: dropped
+
+
+def test_split_is_the_authors_datasets_code():
+    """Geneformer's / Mix-Geneformer's notebook, verbatim in effect: filter rare types, shuffle(seed=42), 80/20 with
+    round(), drop test labels unseen in training; our train + val must be their train, our test their test."""
+    rng = np.random.default_rng(5)
+    labels = rng.choice([f"t{i}" for i in range(12)], 997, p=np.r_[np.full(9, 0.11), 0.005, 0.003, 0.002])
+    ds = datasets.Dataset.from_dict({"cell_type": labels.tolist(), "row": list(range(len(labels)))})
+    counts = pd.Series(labels).value_counts()
+    keep = [k for k, v in counts.items() if v > 0.005 * len(labels)]
+    shuffled = ds.filter(lambda e: e["cell_type"] in keep).shuffle(seed=42)
+    n_train = round(len(shuffled) * 0.8)
+    train = shuffled.select(range(n_train))
+    trained = set(train["cell_type"])
+    test = shuffled.select(range(n_train, len(shuffled))).filter(lambda e: e["cell_type"] in trained)
+
+    split = split_cells(labels)
+    assert sorted(np.concatenate([split.train, split.val]).tolist()) == sorted(train["row"])
+    assert split.test.tolist() == list(test["row"])  # same cells, same order
+    assert set(split.dropped_types) == set(counts.index) - set(keep) and split.dropped_types
+
+
+def test_validation_is_stratified_and_survives_tiny_classes():
+    labels = np.array(["big"] * 500 + ["mid"] * 100 + ["one"] + ["two"] * 2)
+    split = split_cells(labels, min_fraction=0, val_fraction=0.1)
+    val = pd.Series(labels[split.val]).value_counts()
+    train = pd.Series(labels[np.concatenate([split.train, split.val])]).value_counts()
+    assert (val / train).drop(["one", "two"], errors="ignore").between(0.08, 0.12).all()
+    assert "one" not in val  # a type's last training cell stays in training
+    parts = np.concatenate([split.train, split.val, split.test])
+    assert len(set(parts)) == len(parts)  # disjoint
+    assert len(split_cells(labels, val_fraction=0).val) == 0
+    # half to validation, with types of 1 to 3 cells: every class keeps a training cell
+    few = np.repeat([f"t{i}" for i in range(30)], np.arange(30) % 3 + 1)
+    split = split_cells(few, min_fraction=0, val_fraction=0.5)
+    assert set(few[split.train]) == set(split.labels) and len(split.val) > 0
+
+
+def test_predict_matches_cell_by_cell(classifier, pbmc):
+    """Cells of different lengths, batched longest first and padded, come back in dataset order with the
+    probabilities of an unpadded forward pass of each cell alone."""
+    from transformers import AutoModelForSequenceClassification
+
+    dataset, meta = load_tokens(pbmc[0])
+    cells = dataset.select(range(40)).map(
+        lambda e, i: {"input_ids": e["input_ids"][: 5 + (17 * i) % 60], "length": 5 + (17 * i) % 60},
+        with_indices=True, keep_in_memory=True)
+    frame = predict(classifier.out_dir, cells, meta, batch_size=7, dtype="float32")  # float32 on a GPU too
+    model = AutoModelForSequenceClassification.from_pretrained(classifier.out_dir).eval()
+    with torch.no_grad():
+        probs = [torch.softmax(model(input_ids=torch.tensor([c])).logits[0], -1) for c in cells["input_ids"]]
+    assert frame.cell_index.tolist() == list(range(40)) and frame.cell_id.tolist() == cells["cell_id"]
+    assert frame.predicted.tolist() == [model.config.id2label[int(p.argmax())] for p in probs]
+    assert frame.probability.to_numpy() == pytest.approx([float(p.max()) for p in probs], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fine-tuning and prediction on real cells
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_finetuning_learns_the_cell_types(classifier, pbmc, pretrained):
+    dataset, _ = load_tokens(pbmc[0])
+    labels = np.asarray(dataset["cell_type"])
+    r, m = classifier, classifier.metrics
+    majority = pd.Series(labels[r.split.test]).value_counts(normalize=True).iloc[0]
+    # seen (CPU, torch 2.13): the majority class is 0.400 of the 140 test cells; test accuracy by epoch 0.41, 0.48,
+    # 0.61, 0.65, 0.67, 0.66, val-selected epoch 5 (val 0.571, test 0.671). With shuffled labels the same run stays
+    # at its split's majority share (0.314 every epoch), so this margin fails if training learns nothing.
+    assert m["test_accuracy"] >= majority + 0.15, (m, majority)
+    assert len(r.history) == 6 and r.history[-1]["train_loss"] < 0.75 * r.history[0]["train_loss"]
+    val = [h["val_accuracy"] for h in r.history]
+    assert r.best_epoch == 1 + int(np.argmax(val)) and m["val_accuracy"] == max(val)
+    assert m["test_accuracy_best_on_test"] == max(h["test_accuracy"] for h in r.history) >= m["test_accuracy"]
+    assert np.mean(r.test_predictions == labels[r.split.test]) == pytest.approx(m["test_accuracy"])
+    assert (m["n_train"], m["n_val"], m["n_test"]) == (504, 56, 140)  # 700 x 0.8 = 560 = 504 + 56; nothing dropped
+
+    saved = json.loads((r.out_dir / "split.json").read_text())
+    assert saved["label"] == "cell_type" and saved["test"] == r.split.test.tolist()
+    assert saved["dataset_fingerprint"] == dataset._fingerprint and saved["labels"] == list(r.split.labels)
+    assert (r.out_dir / "vocab.tsv").read_text() == (pretrained / "vocab.tsv").read_text()
+    history = json.loads((r.out_dir / "history.json").read_text())
+    assert history["metrics"]["best_epoch"] == r.best_epoch and len(history["history"]) == 6
+
+
+def test_saved_classifier_loads_without_mixgf(classifier, pbmc, tmp_path):
+    dataset, meta = load_tokens(pbmc[0])
+    cell = dataset[0]["input_ids"]
+    script = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        "model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()\n"
+        "with torch.no_grad():\n"
+        "    p = torch.softmax(model(input_ids=torch.tensor([json.loads(sys.argv[2])])).logits, -1)[0]\n"
+        "assert not any(m.split('.')[0] == 'mixgf' for m in sys.modules), 'mixgf was imported'\n"
+        "print(json.dumps({'class': type(model).__name__, 'labels': model.config.id2label, 'p': p.tolist()}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(classifier.out_dir), json.dumps(cell)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["class"] == "BertForSequenceClassification"
+    assert list(out["labels"].values()) == list(classifier.split.labels)
+    first = predict(classifier.out_dir, dataset.select([0]), meta, dtype="float32").iloc[0]
+    assert out["labels"][str(int(np.argmax(out["p"])))] == first["predicted"]
+    assert max(out["p"]) == pytest.approx(first["probability"], abs=1e-4)
+
+
+def test_predict_cli_writes_csv_and_scores(classifier, pbmc, tmp_path, capsys):
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(classifier.out_dir), str(pbmc[0]), "--out", str(out), "--label", "cell_type"]) == 0
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == ["cell_index", "species", "cell_id", "cell_type", "predicted", "probability"]
+    assert len(frame) == 700 and frame.cell_index.tolist() == list(range(700))
+    assert frame.probability.between(1 / 10, 1).all() and set(frame.predicted) <= set(classifier.split.labels)
+    test = frame.iloc[classifier.split.test]  # the same cells and weights give the fine-tuning's test predictions
+    same = (test.predicted.to_numpy() == classifier.test_predictions).mean()
+    assert same == 1 if not torch.cuda.is_available() else same > 0.97  # bf16 on a GPU: other batches, rare flips
+
+    scores = json.loads((tmp_path / "predictions.json").read_text())
+    accuracy = (frame.predicted == frame.cell_type).mean()
+    assert scores["accuracy"]["estimate"] == pytest.approx(accuracy) and scores["n_cells"] == 700
+    low, high = scores["accuracy"]["ci95"]
+    assert low < accuracy < high and scores["macro_f1"]["ci95"][0] < scores["macro_f1"]["estimate"]
+    assert f"accuracy {accuracy:.4f}" in capsys.readouterr().out
+
+
+def test_vocabulary_mismatch_is_a_clear_error(classifier, pretrained, pbmc, tmp_path):
+    dataset, meta = load_tokens(pbmc[0])
+    other = {**meta, "vocab": default_vocab().identity()}  # cells tokenized with the 82,606-gene vocabulary
+    with pytest.raises(ValueError, match="tokenized with vocabulary 'mixgf-gc30M-biomart'.*model uses 'pbmc'"):
+        predict(classifier.out_dir, dataset, other)
+    with pytest.raises(ValueError, match="tokenize the cells with the model's vocabulary"):
+        finetune(pretrained, dataset, other, "cell_type", FinetuneConfig(epochs=1), out_dir=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(ValueError, match="no column 'organ'"):
+        finetune(pretrained, dataset, meta, "organ", FinetuneConfig(epochs=1), out_dir=tmp_path / "never")
+
+
+def test_a_model_that_records_no_vocabulary_takes_one(classifier, pbmc, tmp_path):
+    """A checkpoint whose config has no vocab key (Geneformer V1's) is checked against the vocabulary named for it."""
+    dataset, meta = load_tokens(pbmc[0])
+    copy = tmp_path / "no_vocab"
+    shutil.copytree(classifier.out_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    del config["vocab"]
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="records no vocabulary"):
+        predict(copy, dataset, meta)
+    with pytest.raises(ValueError, match="has 692 tokens but vocabulary 'geneformer-gc30M' has 25426"):
+        predict(copy, dataset, meta, vocab=geneformer_v1_vocab())
+    assert len(predict(copy, dataset.select(range(5)), meta, vocab=GeneVocab.read(copy / "vocab.tsv"))) == 5
+
+
+def test_medians_are_checked_only_for_species_the_model_saw(classifier, pbmc):
+    """A classifier fine-tuned on one species runs on the other's cells of the same vocabulary: the model records
+    medians only for what it was trained on (here human), so mouse medians are not compared."""
+    dataset, meta = load_tokens(pbmc[0])
+    cells = dataset.select(range(10))
+    mouse = {**meta, "species": "mouse", "medians": {"mouse": {"name": "mouse-demo", "hash": "feed", "size": 9}}}
+    assert len(predict(classifier.out_dir, cells, mouse)) == 10
+    human = {**meta, "medians": {"human": {"name": "other", "hash": "beef", "size": 9}}}
+    with pytest.raises(ValueError, match="gene medians 'other'"):
+        predict(classifier.out_dir, cells, human)
+
+
+def encoder(path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(path / "model.safetensors").items() if k.startswith("bert.e")}
+
+
+def test_weights_start_from_the_checkpoint(pretrained, pbmc, tmp_path):
+    """With LR 0 the saved encoder is the pretrained one, bit for bit (it really was loaded)."""
+    dataset, meta = load_tokens(pbmc[0])
+    with pytest.warns(UserWarning, match="no BERT pooler weights"):
+        finetune(pretrained, dataset, meta, "cell_type", FinetuneConfig(lr=0, epochs=1), out_dir=tmp_path / "lr0")
+    start, saved = encoder(pretrained), encoder(tmp_path / "lr0")
+    assert start.keys() == saved.keys() and len(start) > 20
+    assert all(torch.equal(start[k], saved[k]) for k in start)
+
+
+def test_cli_finetune_random_init_and_truncation_warns_once(pretrained, pbmc, tmp_path, capsys):
+    out = tmp_path / "clf16"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["finetune", str(pretrained), str(pbmc[0]), "--label", "cell_type", "--out", str(out),
+                     "--epochs", "1", "--max-len", "16", "--random-init", "--lr", "0"]) == 0
+    cut = [w for w in caught if "cut to their 16 top-ranked genes" in str(w.message)]
+    assert len(cut) == 1 and "700 of 700 cells" in str(cut[0].message)
+    assert "epoch 1 (best on validation): val accuracy" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_len"] == 16 and config["architectures"] == ["BertForSequenceClassification"]
+    start, fresh = encoder(pretrained), encoder(out)  # --random-init (and LR 0): fresh weights, same shapes
+    assert all(start[k].shape == fresh[k].shape for k in start)
+    name = "bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(start[name], fresh[name])
+
+    dataset, meta = load_tokens(pbmc[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict(out, dataset, meta)  # 64-gene cells into a 16-gene classifier
+    assert sum("cut to their 16 top-ranked genes" in str(w.message) for w in caught) == 1
+
+
+def test_a_checkpoint_without_encoder_weights_is_refused(pretrained, pbmc, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(pretrained, broken)
+    state = load_file(broken / "model.safetensors")
+    save_file({k: v for k, v in state.items() if "encoder.layer.1." not in k}, broken / "model.safetensors",
+              metadata={"format": "pt"})
+    dataset, meta = load_tokens(pbmc[0])
+    with pytest.raises(ValueError, match="lacks encoder weights"):
+        finetune(broken, dataset, meta, "cell_type", FinetuneConfig(epochs=1), out_dir=tmp_path / "never")
