@@ -191,6 +191,39 @@ def _embed(args) -> None:
           file=sys.stderr)
 
 
+def _perturb(args) -> None:
+    """In silico perturbation (SPEC §7): per (cell, gene) cos_sim, or with --state-key/--start/--goal the shifts
+    toward the goal state, plus their per-gene statistics in OUT.stats.csv."""
+    import io
+
+    from mixgf.io import write_bytes_atomic, write_text_atomic
+    from mixgf.perturb import gene_stats, load_cells, perturb, perturb_to_goal
+    from mixgf.vocab import load_vocab, symbol_map
+
+    states = (args.state_key, args.start, args.goal)
+    if any(v is not None for v in states) and None in states:
+        raise ValueError("--state-key, --start and --goal go together: name the column, the start and the goal state")
+    vocab = load_vocab(args.vocab) if args.vocab else None
+    dataset, meta = load_cells(args.tokens, vocab)
+    genes = "all" if args.genes == "all" else [g for g in args.genes.split(",") if g]
+    options = dict(mode=args.mode, genes=genes, emb_layer=args.emb_layer, max_cells=args.max_cells,
+                   batch_size=args.batch_size, vocab=vocab, device=args.device, source=str(args.tokens))
+    if args.state_key is None:
+        frame = perturb(args.model, dataset, meta, **options)
+    else:
+        frame = perturb_to_goal(args.model, dataset, meta, state_key=args.state_key, start=args.start,
+                                goal=args.goal, **options)
+        symbols = {e: s for species in ("mouse", "human") for s, e in symbol_map(species).items()}
+        stats = gene_stats(frame, symbols=symbols, alternative=args.alternative, null=args.null)
+        stats_path = Path(args.out).with_suffix(".stats.csv")
+        write_text_atomic(stats_path, stats.to_csv(index=False))
+        print(f"{len(stats):,} genes, {int((stats.fdr < 0.05).sum()):,} at FDR < 0.05 -> {stats_path}", file=sys.stderr)
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    write_bytes_atomic(args.out, buffer.getvalue())
+    print(f"{len(frame):,} perturbations of {frame.cell_index.nunique():,} cells -> {args.out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixgf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -303,6 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--vocab", help="vocabulary of a model whose config records none")
     p.set_defaults(func=_embed)
+
+    p = sub.add_parser("perturb", help="in silico perturbation: delete or overexpress genes, measure the shift")
+    p.add_argument("model", help="BertForMaskedLM or BertForSequenceClassification folder (this project's or Geneformer's)")
+    p.add_argument("tokens", help="token dataset, or a Geneformer-format dataset folder (then name --vocab)")
+    p.add_argument("--mode", required=True, choices=["delete", "overexpress"])
+    p.add_argument("--out", required=True, help="OUT.parquet: one row per (cell, perturbed gene)")
+    p.add_argument("--genes", default="all", help="'all' (every gene of every cell) or Ensembl ids, comma-separated")
+    p.add_argument("--emb-layer", type=int, default=0, help="0: last layer, -1: the one before (Geneformer's emb_layer)")
+    p.add_argument("--max-cells", type=int, help="perturb a seed-42 sample of this many cells (Geneformer's max_ncells)")
+    p.add_argument("--batch-size", type=int, default=256, help="perturbed cells per forward pass")
+    p.add_argument("--vocab", help="vocabulary of a model whose config records none (geneformer-v1 or a file)")
+    p.add_argument("--device", help="torch device (default: the GPU if there is one)")
+    p.add_argument("--state-key", help="obs column of cell states: perturb --start cells toward --goal cells")
+    p.add_argument("--start", help="state of the cells to perturb")
+    p.add_argument("--goal", help="state whose mean embedding is the goal; writes OUT.stats.csv too")
+    p.add_argument("--alternative", default="two-sided", choices=["two-sided", "greater", "less"],
+                   help="Wilcoxon rank-sum alternative for OUT.stats.csv (greater: toward the goal)")
+    p.add_argument("--null", default="pooled", choices=["pooled", "random"],
+                   help="null shifts: all genes' pooled (Geneformer) or a random-gene draw (genes weighted equally)")
+    p.set_defaults(func=_perturb)
 
     p = sub.add_parser("import-dict", help="convert a Geneformer-style pickle to TSV (safely)")
     p.add_argument("pickle")

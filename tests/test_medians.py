@@ -1,4 +1,5 @@
 import pickle
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -101,19 +102,38 @@ def test_explicit_zeros_and_duplicate_entries():
     pd.testing.assert_series_equal(compute_medians(lambda: [(split, n_counts, gene_ids)]).values, expected)
 
 
-def test_memory_does_not_grow_with_chunks():
-    counts, n_counts, gene_ids = negative_binomial_chunks(n_chunks=1)[0]
+def sparse_chunk(cells: int = 4000, density: float = 0.05, seed: int = 0) -> tuple:
+    """A chunk of sparse counts over GENES (a 10x-like 5% of entries non-zero)."""
+    rng = np.random.default_rng(seed)
+    counts = sp.random(cells, len(GENES), density=density, format="csr", random_state=rng,
+                       data_rvs=lambda n: rng.integers(1, 50, n)).astype(np.float32)
+    n_counts = np.asarray(counts.sum(axis=1)).ravel() + rng.integers(1, 5_000, cells)
+    return counts, n_counts.astype(np.float64), GENES
+
+
+def peak_memory(fn) -> int:
+    """Peak bytes allocated while ``fn`` runs (tracemalloc traces numpy's buffers), beyond what was live before."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_peak_memory_is_set_by_genes_and_one_chunk_not_by_cells():
+    """Two passes over 8,000 and 32,000 cells: the same peak, inside the documented budget (accumulator twice, while
+    result / refine runs, plus 36 bytes per non-zero of a chunk), and far below one dense chunk."""
+    chunk = sparse_chunk()
+    counts, _, genes = chunk
+    peaks = {n: peak_memory(lambda: compute_medians(lambda: [chunk] * n, passes=2)) for n in (2, 8)}
+    budget = 2 * 4352 * len(genes) + 36 * counts.nnz
+    assert budget < counts.shape[0] * counts.shape[1] * 8 / 2  # densifying a chunk would not fit
+    assert peaks[8] <= budget, f"peak {peaks[8]:,} bytes above the documented {budget:,}"
+    assert peaks[8] <= 1.05 * peaks[2], f"4x the cells raised the peak from {peaks[2]:,} to {peaks[8]:,} bytes"
     acc = MedianAccumulator()
-    acc.update(counts, n_counts, gene_ids)
-    sizes = [acc.nbytes]
-    for _ in range(20):
-        acc.update(counts, n_counts, gene_ids)
-    sizes.append(acc.nbytes)
-    refined = acc.refine()
-    for _ in range(21):
-        refined.update(counts, n_counts, gene_ids)
-    assert sizes == [len(gene_ids) * 4352] * 2  # as documented: 4,352 bytes per gene in pass 1, 4,152 later
-    assert refined.nbytes == len(gene_ids) * 4152
+    acc.update(*chunk)
+    assert acc.nbytes == len(genes) * 4352 and acc.refine().nbytes == len(genes) * 4152  # as documented
 
 
 @pytest.mark.parametrize("change, message", [

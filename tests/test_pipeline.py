@@ -82,6 +82,20 @@ def test_repro_is_deterministic_and_up_to_date(tiny_repo):
     assert (np.load(tiny_repo / "data" / "corpus" / "mix" / "lengths.npy") == lengths).all()
 
 
+def test_a_forced_rerun_of_pretraining_gives_bit_identical_models(tiny_repo):
+    """Issue 8: two runs on one machine write the same model (dvc.lock's hash), checkpoint and logs aside."""
+    def model_hashes() -> dict:
+        lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]
+        return {o["path"]: o["md5"] for o in lock["pretrain_baseline@geneformer"]["outs"]
+                if o["path"].startswith("models/")}
+
+    before = model_hashes()
+    shutil.rmtree(tiny_repo / "checkpoints" / "pretrain" / "geneformer")  # else the rerun would only resume
+    run = _run(tiny_repo, "-m", "dvc", "repro", "--force", "--single-item", "pretrain_baseline@geneformer")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert model_hashes() == before
+
+
 def test_paper_profile_names_every_missing_input(tmp_path):
     repo = _copy_repo(tmp_path, "paper")
     run = _run(repo, "stages/corpus.py", "--vocab", "v", "--tokens", "t", "--corpus", "c", "--finetune", "f",
@@ -230,3 +244,40 @@ def test_a_baseline_can_be_imported_from_a_geneformer_checkpoint(tiny_repo, tmp_
     ours = _weights(out)["bert.embeddings.word_embeddings.weight"]
     assert ours.shape[0] == 82_606
     assert torch.equal(ours[: len(geneformer_v1_vocab())], bert.bert.embeddings.word_embeddings.weight.detach())
+
+
+def test_repro_writes_tables_1_2_and_figure_2_with_every_model_and_control(tiny_repo):
+    for species, table in (("mouse", "table1"), ("human", "table2")):
+        compare = json.loads((tiny_repo / "metrics" / "compare" / f"{species}.json").read_text())
+        assert set(compare["organs"]) == set(ORGANS[species])
+        for organ, row in compare["organs"].items():
+            for model in (compare["baseline"], "mixgf", "random", "logreg"):
+                acc = row[model]
+                assert 0 <= acc["accuracy_low"] <= acc["accuracy"] <= acc["accuracy_high"] <= 1
+            d = row["mixgf_minus_baseline"]
+            assert d["low"] <= d["difference"] <= d["high"] and 0 < d["mcnemar_p"] <= 1
+        assert 0 < compare["summary"]["mixgf_minus_baseline"]["wilcoxon_p"] <= 1
+        text = (tiny_repo / "reports" / f"{table}.md").read_text()
+        assert text.startswith(f"# Table {table[-1]}") and "**Demo data.**" in text
+        assert all(f"| {organ} |" in text for organ in ORGANS[species])
+        assert (tiny_repo / "reports" / f"{table}_{species}.ipynb").exists()
+    cross = json.loads((tiny_repo / "metrics" / "cross_species.json").read_text())
+    assert set(cross) == {"mouse_to_human", "human_to_mouse"}
+    assert {"mixgf", "geneformer", "mouse_geneformer", "ortholog_logreg"} == set(cross["mouse_to_human"])
+    for name in ("fig2_mouse_to_human.png", "fig2_human_to_mouse.png"):
+        assert (tiny_repo / "reports" / name).read_bytes()[:4] == b"\x89PNG"
+    shown = json.loads(_run(tiny_repo, "-m", "dvc", "metrics", "show", "--json").stdout)
+    files = {f for rev in shown.values() for f in rev["data"]}
+    assert "metrics/finetune/mouse-mixgf/Brain.json" in files and "metrics/compare/human.json" in files
+
+
+def test_classifiers_load_as_plain_bert_and_share_test_cells_with_the_controls(tiny_repo):
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = tiny_repo / "models" / "finetune" / "human-mixgf" / "Spleen"
+    model = AutoModelForSequenceClassification.from_pretrained(classifier)
+    assert set(model.config.id2label.values()) <= set(organ("human", "Spleen").cell_types)
+    predictions = tiny_repo / "metrics" / "predictions"
+    cells = [(predictions / f"human-{m}" / "Spleen" / "predictions.csv").read_text().splitlines()[1:]
+             for m in ("mixgf", "logreg")]
+    assert [c.split(",")[:3] for c in cells[0]] == [c.split(",")[:3] for c in cells[1]]

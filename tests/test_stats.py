@@ -1,5 +1,6 @@
 """mixgf.stats: metrics against sklearn, bootstrap intervals against an explicit loop, exact tests by hand."""
 
+import json
 from math import comb
 
 import numpy as np
@@ -117,3 +118,22 @@ def test_bad_input_fails_clearly():
         stats.accuracy([1, 2], [1])
     with pytest.raises(ValueError, match="metric must be"):
         stats.bootstrap_ci([1, 2], [1, 2], "auc")
+
+
+def test_evaluate_reports_what_a_table_row_needs():
+    from sklearn.metrics import accuracy_score, f1_score, precision_score
+
+    from mixgf.stats import evaluate
+
+    rng = np.random.default_rng(3)
+    y = rng.choice(["a", "b", "c"], 200)
+    pred = np.where(rng.random(200) < 0.7, y, rng.choice(["a", "b", "c"], 200))
+    out = evaluate(y, pred, n_boot=500, seed=1)
+    assert out["n_cells"] == 200
+    assert out["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert out["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert out["accuracy_low"] < out["accuracy"] < out["accuracy_high"]
+    assert (out["accuracy_low"], out["accuracy_high"]) == stats.bootstrap_ci(y, pred, n_boot=500, seed=1)[1:]
+    assert out["per_class"]["b"]["precision"] == pytest.approx(precision_score(y, pred, labels=["b"], average=None)[0])
+    assert sum(c["support"] for c in out["per_class"].values()) == 200
+    json.dumps(out)  # plain types only: it goes into a metrics file
