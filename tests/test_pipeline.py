@@ -281,3 +281,15 @@ def test_classifiers_load_as_plain_bert_and_share_test_cells_with_the_controls(t
     cells = [(predictions / f"human-{m}" / "Spleen" / "predictions.csv").read_text().splitlines()[1:]
              for m in ("mixgf", "logreg")]
     assert [c.split(",")[:3] for c in cells[0]] == [c.split(",")[:3] for c in cells[1]]
+
+
+def test_repro_writes_table_3_and_figure_4_with_driver_recall(tiny_repo):
+    for name in ("mouse_delete", "human_overexpress_mouse_tuned", "human_overexpress_human_tuned"):
+        m = json.loads((tiny_repo / "metrics" / "perturb" / f"{name}.json").read_text())
+        assert m["n_perturbations"] > 0 and 0 <= m["drivers"]["recall_at_50"] <= 1
+        assert set(m["drivers"]["ranks"]) and m["drivers"]["median_rank_if_random"] == (m["n_genes"] + 1) / 2
+        header = (tiny_repo / "metrics" / "perturb" / name / "stats.csv").read_text().splitlines()[0]
+        assert header == "ensembl_id,symbol,n_cells,mean_shift,p_value,fdr,is_driver"
+    text = (tiny_repo / "reports" / "table3.md").read_text()
+    assert "**Demo data.**" in text and "ALDOB" in text and "driver recall@20" in text
+    assert (tiny_repo / "reports" / "fig4_perturbation.png").read_bytes()[:4] == b"\x89PNG"
