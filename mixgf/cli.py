@@ -224,6 +224,21 @@ def _perturb(args) -> None:
     print(f"{len(frame):,} perturbations of {frame.cell_index.nunique():,} cells -> {args.out}", file=sys.stderr)
 
 
+def _check_inputs(args) -> None:
+    """Check the inputs of a paper-scale run (formats, columns, vocabularies) without training; exit 1 on problems."""
+    from mixgf.check import PaperInputs, check_paper_inputs
+
+    inputs = PaperInputs(genecorpus_30m=args.genecorpus, mouse_genecorpus_20m=args.mouse_corpus,
+                         mouse_token_dictionary=args.mouse_dictionary, mouse_medians=args.mouse_medians,
+                         organs=args.organs, heart=args.heart, human_medians=args.human_medians)
+    result = check_paper_inputs(inputs, max_len=args.max_len, sample=args.sample)
+    for problem in result.problems:
+        print(problem.line(), file=sys.stderr)
+    if result.problems:
+        raise SystemExit(f"mixgf check-inputs: {len(result.problems)} problem(s)")
+    print("inputs OK: " + ", ".join(f"{k} {v:,}" for k, v in result.summary.items()), file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixgf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -356,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--null", default="pooled", choices=["pooled", "random"],
                    help="null shifts: all genes' pooled (Geneformer) or a random-gene draw (genes weighted equally)")
     p.set_defaults(func=_perturb)
+
+    p = sub.add_parser("check-inputs", help="check a paper-scale run's inputs (formats, columns) without training")
+    p.add_argument("--genecorpus", required=True, type=Path, help="Genecorpus-30M (save_to_disk folder, V1 ids)")
+    p.add_argument("--mouse-corpus", required=True, type=Path, help="Mouse-Genecorpus-20M (save_to_disk folder)")
+    p.add_argument("--mouse-dictionary", required=True, type=Path, help="MLM-re_token_dictionary_v1.pkl")
+    p.add_argument("--mouse-medians", required=True, type=Path, help="mouse_gene_median_dictionary.pkl (or a TSV)")
+    p.add_argument("--human-medians", type=Path, help="human medians (default: Geneformer V1's, bundled)")
+    p.add_argument("--organs", required=True, type=Path, help="folder of <species>_<Organ>.h5ad (obs cell_type)")
+    p.add_argument("--heart", required=True, type=Path, help="folder of <species>_heart.h5ad (obs disease)")
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--sample", type=int, default=1000, help="rows of each corpus checked")
+    p.set_defaults(func=_check_inputs)
 
     p = sub.add_parser("import-dict", help="convert a Geneformer-style pickle to TSV (safely)")
     p.add_argument("pickle")

@@ -1,8 +1,8 @@
 """Cell embeddings: the mean of one encoder layer over a cell's genes (Geneformer's ``EmbExtractor`` convention).
 
-:func:`embed_cells` runs only the BERT encoder of any saved model (pretrained or fine-tuned; no MLM logits) and
-returns one row per cell. :func:`embed_anndata` does the same for an AnnData of raw counts, tokenized on the fly
-with the model's vocabulary, and writes ``.obsm[key_added]``.
+:func:`embed_cells` runs only the BERT encoder of any saved model (pretrained or fine-tuned; no MLM logits), up to
+the chosen layer, and returns one row per cell. :func:`embed_anndata` does the same for an AnnData of raw counts,
+tokenized on the fly with the model's vocabulary, and writes ``.obsm[key_added]``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mixgf.classify import VOCAB_FILE, _autocast, _Cells, _device, _length_limit, _read_config, _warn_truncation
+from mixgf.encoder import load_encoder
 from mixgf.model import mean_pool
 from mixgf.vocab import GeneVocab
 
@@ -25,28 +26,23 @@ def embed_cells(model_dir, dataset, meta: dict, *, layer: int = 0, batch_size: i
     A cell's embedding is the mean over its genes (non-pad positions) of the hidden states of one layer: ``layer`` 0
     is the last layer, -1 the one before, down to ``-num_hidden_layers`` (the input embeddings), as Geneformer's
     ``emb_layer``. The tokens are checked against the model (vocabulary, medians, length: ``ValueError``); ``vocab``
-    stands in for a model whose config records none. Batched longest first; bf16 autocast on a GPU (``dtype``).
+    stands in for a model whose config records none. Batched longest first; only the layers up to ``layer`` run
+    (:class:`mixgf.encoder.Encoder`); bf16 autocast on a GPU (``dtype``).
     """
-    from transformers import AutoModel
-
     model_dir = Path(model_dir)
     config = _read_config(model_dir, vocab)
-    if not -config.num_hidden_layers <= layer <= 0:
-        raise ValueError(f"layer must be in [-{config.num_hidden_layers}, 0] (0: the last of the model's "
-                         f"{config.num_hidden_layers} layers), got {layer}")
     limit = _length_limit(config, meta, source)
     _warn_truncation(np.asarray(dataset.select_columns(["length"]).to_pandas()["length"]), limit)
-    model = AutoModel.from_pretrained(model_dir, config=config, dtype=torch.float32, add_pooling_layer=False)
     device = _device()
-    model.to(device).eval()
-    cells = _Cells(dataset, limit, config.max_position_embeddings, 8, device)
+    encoder = load_encoder(model_dir, config, layer, device)
+    # tensor-core shapes on a GPU; on a CPU no padding beyond the batch's longest cell, so most batches need no mask
+    cells = _Cells(dataset, limit, config.max_position_embeddings, 8 if device.type == "cuda" else 1, device)
     out = np.empty((len(dataset), config.hidden_size), np.float32)
     autocast = _autocast(device, dtype)
-    with torch.no_grad():
-        for where, (input_ids, mask) in cells.by_length(np.arange(len(dataset)), batch_size):
-            with autocast:
-                hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            out[where] = mean_pool(hidden[config.num_hidden_layers + layer].float(), mask).cpu().numpy()
+    for where, (input_ids, mask) in cells.by_length(np.arange(len(dataset)), batch_size):
+        with autocast:
+            hidden = encoder(input_ids, mask)
+        out[where] = mean_pool(hidden.float(), mask).cpu().numpy()
     return out
 
 

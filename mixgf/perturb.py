@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from mixgf.classify import _column, _device, _length_limit, _model_vocab, _read_config, _warn_truncation
+from mixgf.encoder import Encoder, load_encoder
 from mixgf.model import mean_pool
 from mixgf.vocab import GeneVocab
 
@@ -75,53 +76,6 @@ def load_cells(path, vocab: GeneVocab | None = None):
     if missing:
         raise ValueError(f"{path}: a Geneformer-format dataset needs columns input_ids and length; it lacks {missing}")
     return dataset, {"vocab": vocab.identity(), "medians": None, "max_len": None}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the encoder, only as far as the chosen layer
-# ---------------------------------------------------------------------------------------------------------------
-
-class _Encoder:
-    """The first ``n_layers`` layers of a ``BertModel``, run with contiguous SDPA attention (the same arithmetic as
-    ``BertLayer`` in eval mode, about twice as fast on CPU) and a boolean key mask only when a batch has padding."""
-
-    def __init__(self, bert, n_layers: int, device: torch.device):
-        config = bert.config
-        if getattr(config, "position_embedding_type", "absolute") != "absolute" or config.is_decoder:
-            raise ValueError("in silico perturbation supports encoder-only BERT with absolute position embeddings; "
-                             f"this model has position_embedding_type={config.position_embedding_type!r}, "
-                             f"is_decoder={config.is_decoder}")
-        self.bert = bert.to(device).eval()
-        self.layers = list(bert.encoder.layer[:n_layers])
-        self.heads = config.num_attention_heads
-        self.qkv = [(torch.cat([s.query.weight, s.key.weight, s.value.weight]),
-                     torch.cat([s.query.bias, s.key.bias, s.value.bias]))
-                    for s in (layer.attention.self for layer in self.layers)]
-        self.device = device
-
-    @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, L, hidden) hidden states after ``n_layers`` layers (0: the embeddings)."""
-        h = self.bert.embeddings(input_ids=input_ids)
-        n, length, width = h.shape
-        keys = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
-        for layer, (w, b) in zip(self.layers, self.qkv):
-            q, k, v = F.linear(h, w, b).view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4).contiguous()
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
-            context = context.transpose(1, 2).reshape(n, length, width)
-            attended = layer.attention.output.LayerNorm(layer.attention.output.dense(context) + h)
-            h = layer.output.LayerNorm(layer.output.dense(layer.intermediate(attended)) + attended)
-        return h
-
-
-def _load_encoder(model_dir: Path, config, emb_layer: int, device: torch.device) -> _Encoder:
-    from transformers import AutoModel
-
-    if not -config.num_hidden_layers <= emb_layer <= 0:
-        raise ValueError(f"emb_layer must be in [-{config.num_hidden_layers}, 0] (0: the last of the model's "
-                         f"{config.num_hidden_layers} layers, -1: the one before), got {emb_layer}")
-    bert = AutoModel.from_pretrained(model_dir, config=config, dtype=torch.float32, add_pooling_layer=False)
-    return _Encoder(bert, config.num_hidden_layers + emb_layer, device)  # Geneformer: hidden_states[n + emb_layer]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,7 +144,7 @@ def _padded(sequences, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return ids, (ids != GeneVocab.pad_id).long()
 
 
-def _hidden_states(encoder: _Encoder, sequences: list[np.ndarray], batch_size: int) -> list[torch.Tensor]:
+def _hidden_states(encoder: Encoder, sequences: list[np.ndarray], batch_size: int) -> list[torch.Tensor]:
     """Hidden states (n_i, hidden) of each sequence, batched longest first."""
     out = [None] * len(sequences)
     order = np.argsort([-len(s) for s in sequences], kind="stable")
@@ -220,7 +174,7 @@ def _batches(blocks: list[_Block], batch_size: int):
         yield batch
 
 
-def _run(encoder: _Encoder, cells, rows: np.ndarray, mode: str, genes: np.ndarray | None, limit: int,
+def _run(encoder: Encoder, cells, rows: np.ndarray, mode: str, genes: np.ndarray | None, limit: int,
          batch_size: int, goal: torch.Tensor | None, chunk_tokens: int = 2**23) -> dict[str, np.ndarray]:
     """Perturb the cells ``rows``; per variant: cell, position, token and the cos_sim (or, with ``goal``, the
     cosine_shift). Cells go longest first in chunks of about ``chunk_tokens`` perturbed tokens, so memory stays
@@ -269,7 +223,7 @@ def _run(encoder: _Encoder, cells, rows: np.ndarray, mode: str, genes: np.ndarra
 
 @dataclass
 class _Setup:
-    encoder: _Encoder
+    encoder: Encoder
     vocab: GeneVocab
     limit: int
     genes: np.ndarray | None
@@ -296,7 +250,7 @@ def _setup(model_dir, dataset, meta: dict, *, mode: str, genes, emb_layer: int, 
             raise ValueError(f"genes {unknown[:5]} are not genes of the model's vocabulary {gene_vocab.name!r}")
         wanted = np.unique(wanted)
     device = torch.device(device) if device is not None else _device()
-    return _Setup(_load_encoder(model_dir, config, emb_layer, device), gene_vocab, limit, wanted)
+    return _Setup(load_encoder(model_dir, config, emb_layer, device), gene_vocab, limit, wanted)
 
 
 def _sample(rows: np.ndarray, max_cells: int | None) -> np.ndarray:
@@ -370,7 +324,7 @@ def perturb_to_goal(model_dir, dataset, meta: dict, *, state_key: str, start, go
     return frame.iloc[np.lexsort((r["position"], r["cell"]))].reset_index(drop=True)
 
 
-def goal_embedding(encoder: _Encoder, dataset, rows: np.ndarray, limit: int, batch_size: int) -> torch.Tensor:
+def goal_embedding(encoder: Encoder, dataset, rows: np.ndarray, limit: int, batch_size: int) -> torch.Tensor:
     """The mean over the cells ``rows`` of their embeddings (gene means at the encoder's layer)."""
     tokens = dataset.select_columns(["input_ids"]).with_format("numpy")
     total = torch.zeros(encoder.bert.config.hidden_size, dtype=torch.float64, device=encoder.device)

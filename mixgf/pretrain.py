@@ -118,7 +118,7 @@ def configure_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.op
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)  # one kernel per step for all tensors, also on CPU
 
 
 @dataclass(frozen=True)
@@ -439,7 +439,7 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
                 for name, value in metrics.items():
                     live.log_metric(name, value)
                 live.next_step()
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)  # redrawn at the bar's interval
             window.zero_()
             window_steps, window_start = 0, time.perf_counter()
         if step % cfg.save_every == 0 or step == total_steps:

@@ -22,6 +22,11 @@ def notice(profile: str) -> str:
     return DEMO_NOTICE if profile == "demo" or profile == "tiny" else REAL_NOTICE.format(profile=profile)
 
 
+def data_label(profile: str) -> str:
+    """What a figure's title says of its data."""
+    return " (demo data)" if profile in ("demo", "tiny") else f" (real data, profile {profile})"
+
+
 def pct(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None else f"{100 * x:.{digits}f}"
 

@@ -125,6 +125,16 @@ class GeneVocab:
         return cls(tuple(frame.token), name=name or Path(path).name.split(".")[0])
 
 
+def subset_vocab(vocab: GeneVocab, genes) -> GeneVocab:
+    """``vocab`` restricted to ``genes`` (and <pad>, <mask>), in its order. A model's output head and its optimiser
+    state scale with the vocabulary: the demo atlas uses 8,000 of the unified vocabulary's 82,606 genes."""
+    keep = set(genes)
+    tokens = vocab.tokens[:2] + tuple(t for t in vocab.tokens[2:] if t in keep)
+    if len(tokens) == 2:
+        raise ValueError(f"none of the {len(keep):,} genes is in vocabulary {vocab.name!r}")
+    return GeneVocab(tokens, name=f"{vocab.name}-subset{len(tokens) - 2}")
+
+
 def unified_vocab(human: GeneVocab, mouse_genes) -> GeneVocab:
     """Human vocabulary with its ids kept, then the mouse genes (sorted, deduplicated) appended."""
     mouse = sorted({g for g in mouse_genes if g not in (PAD, MASK)})

@@ -7,12 +7,18 @@ can still be set on its own (``-S simcse.tau=0.1``), and applies unless the acti
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# dvc's log is a file: no per-load weight bars, and no load reports whose keys the README explains ("Loading
+# elsewhere"; tests/test_model.py checks them). Set before any stage imports transformers.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -22,14 +28,14 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_params(path: str | Path = ROOT / "params.yaml") -> dict:
-    """params.yaml with the active profile's overrides applied."""
+def load_params(path: str | Path = ROOT / "params.yaml", profile: str | None = None) -> dict:
+    """params.yaml with the overrides of ``profile`` (default: the active one, params ``profile``) applied."""
     params = yaml.safe_load(Path(path).read_text())
     profiles = params.pop("profiles", {}) or {}
-    name = params.get("profile", "demo")
+    name = profile or params.get("profile", "demo")
     if name != "demo" and name not in profiles:
-        sys.exit(f"params.yaml: unknown profile {name!r}; choose demo or one of: {', '.join(profiles)}")
-    return _merge(params, profiles.get(name, {}))
+        sys.exit(f"{path}: unknown profile {name!r}; choose demo or one of: {', '.join(profiles)}")
+    return _merge(params, profiles.get(name, {})) | {"profile": name}
 
 
 WHERE = {  # what a paper-profile input is and where users get it (README, "Paper profile")

@@ -1,18 +1,21 @@
 """The pipeline end to end: `dvc repro` on the tiny profile in a copy of the repository."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 import yaml
 
 from mixgf.demo import ORGANS, organ
 from mixgf.tokens import load_tokens
+from mixgf.vocab import GeneVocab, default_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +56,11 @@ def test_repro_builds_corpora_and_downstream_datasets(tiny_repo):
     metrics = json.loads((tiny_repo / "metrics" / "corpus.json").read_text())
     assert metrics["mix"]["cells"] == metrics["human"]["cells"] + metrics["mouse"]["cells"] > 0
     mix, meta = load_tokens(tiny_repo / "data" / "corpus" / "mix")
-    assert set(mix["species"]) == {"human", "mouse"} and meta["vocab"]["size"] == 82_606
+    assert set(mix["species"]) == {"human", "mouse"}
+    atlas_genes = {g for f in (tiny_repo / "data" / "atlas").glob("*.h5ad") for g in ad.read_h5ad(f, backed="r").var_names}
+    vocab = GeneVocab.read(tiny_repo / "data" / "vocab.tsv")  # vocab.genes: atlas, in the union vocabulary's order
+    assert set(vocab.tokens[2:]) == atlas_genes and meta["vocab"]["hash"] == vocab.hash
+    assert [t for t in default_vocab().tokens if t in atlas_genes] == list(vocab.tokens[2:])
     assert max(mix["length"]) <= 64  # the tiny profile's max_len
     for species, organs in ORGANS.items():
         for name in organs:  # the tiny atlas is too small to hold every rare type in every split
@@ -117,7 +124,8 @@ def test_pretrained_models_load_as_bert_and_log_curves(tiny_repo):
 
     for name in ("mixgf", "geneformer", "mouse_geneformer"):
         model_dir = tiny_repo / "models" / "pretrain" / name
-        assert BertForMaskedLM.from_pretrained(model_dir).config.vocab_size == 82_606
+        vocab = GeneVocab.read(tiny_repo / "data" / "vocab.tsv")
+        assert BertForMaskedLM.from_pretrained(model_dir).config.vocab_size == len(vocab)
         assert (model_dir / "vocab.tsv").exists()
         metrics = json.loads((tiny_repo / "logs" / "pretrain" / name / "metrics.json").read_text())
         assert metrics["step"] == 6 and ("loss_simcse" in metrics) == (name == "mixgf")
@@ -217,7 +225,7 @@ def test_paper_profile_runs_on_published_style_inputs(tmp_path):
 
 def test_a_baseline_can_be_imported_from_a_geneformer_checkpoint(tiny_repo, tmp_path):
     """params baselines.<name>.checkpoint: the stage imports a Geneformer V1-vocabulary BertForMaskedLM instead of
-    training, with its gene rows moved to the unified ids (the same ids, for V1's genes)."""
+    training, with its gene rows moved to the pipeline vocabulary's ids (the atlas's genes: vocab.genes)."""
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
@@ -242,8 +250,10 @@ def test_a_baseline_can_be_imported_from_a_geneformer_checkpoint(tiny_repo, tmp_
     assert run.returncode == 0, run.stderr[-2000:]
     assert "imported" in run.stdout and not (tmp_path / "state").exists()
     ours = _weights(out)["bert.embeddings.word_embeddings.weight"]
-    assert ours.shape[0] == 82_606
-    assert torch.equal(ours[: len(geneformer_v1_vocab())], bert.bert.embeddings.word_embeddings.weight.detach())
+    vocab, v1 = GeneVocab.read(tiny_repo / "data" / "vocab.tsv"), geneformer_v1_vocab()
+    human = [t for t in vocab.tokens if t in v1]  # <pad>, <mask> and the human genes
+    assert ours.shape[0] == len(vocab) and len(human) > 100
+    assert torch.equal(ours[vocab.ids(human)], bert.bert.embeddings.word_embeddings.weight.detach()[v1.ids(human)])
 
 
 def test_repro_writes_tables_1_2_and_figure_2_with_every_model_and_control(tiny_repo):
@@ -293,3 +303,16 @@ def test_repro_writes_table_3_and_figure_4_with_driver_recall(tiny_repo):
     text = (tiny_repo / "reports" / "table3.md").read_text()
     assert "**Demo data.**" in text and "ALDOB" in text and "driver recall@20" in text
     assert (tiny_repo / "reports" / "fig4_perturbation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_report_exists_holds_numbers_and_the_index_lists_it(tiny_repo):
+    reports = tiny_repo / "reports"
+    index = (reports / "README.md").read_text()
+    for name in ("table1.md", "table2.md", "fig2.md", "table3.md", "fig4.md"):
+        text = (reports / name).read_text()
+        assert "Demo data" in text.split("\n\n")[1] and re.search(r"\d+\.\d", text), name  # the notice, then numbers
+        assert name in index
+    for model, species in (("mixgf", {"human", "mouse"}), ("geneformer", {"human"}), ("random", {"human", "mouse"})):
+        scores = json.loads((tiny_repo / "metrics" / "pretrain" / f"{model}.json").read_text())
+        assert set(scores) == species
+        assert all(s["gain_low"] <= s["gain"] <= s["gain_high"] and s["masked_genes"] > 0 for s in scores.values())

@@ -86,3 +86,13 @@ def test_vocab_rejects_duplicates_and_bad_start():
         V.GeneVocab(("A", "<pad>", "<mask>"))
     with pytest.raises(ValueError, match="unknown species"):
         V.check_species("rat")
+
+
+def test_subset_vocab_keeps_the_union_order_and_the_special_tokens():
+    full = V.default_vocab()
+    mouse, human = full.tokens[-1], full.tokens[5]
+    sub = V.subset_vocab(full, {mouse, human, "not-a-gene"})
+    assert sub.tokens == ("<pad>", "<mask>", human, mouse)
+    assert sub.name == f"{full.name}-subset2" and sub.hash != full.hash
+    with pytest.raises(ValueError, match="none of the 1 genes"):
+        V.subset_vocab(full, {"not-a-gene"})
