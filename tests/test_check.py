@@ -2,11 +2,14 @@
 the published corpora as plain `save_to_disk` datasets (Geneformer's layout, no mixgf metadata), the dictionaries as
 pickles, raw-count organ and heart files. One passing case, then one broken input at a time."""
 
+import contextlib
+import io
 import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata as ad
 import datasets
@@ -64,9 +67,23 @@ def paper_repo(tmp_path) -> Path:
     return tmp_path
 
 
-def _check(repo: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "stages/check.py", "--profile", "paper", "--params", str(repo / "params.yaml")],
-                          cwd=ROOT, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+def _check(repo: Path) -> SimpleNamespace:
+    """`python stages/check.py --profile paper --params <repo>/params.yaml`, run in this process (a subprocess per
+    case would spend most of the test importing torch): its exit status, stdout and stderr."""
+    sys.path.insert(0, str(ROOT / "stages"))
+    try:
+        import check as stage
+    finally:
+        sys.path.remove(str(ROOT / "stages"))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            stage.main(["--profile", "paper", "--params", str(repo / "params.yaml")])
+            code = 0
+        except SystemExit as exit_:  # sys.exit("message"): status 1, the message on stderr
+            code = exit_.code if isinstance(exit_.code, int) else 1
+            err.write("" if isinstance(exit_.code, int) or exit_.code is None else f"{exit_.code}\n")
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def _edit_params(repo: Path, edit) -> None:
