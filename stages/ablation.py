@@ -40,8 +40,9 @@ def main(argv=None):
     out = args.out.resolve()
     write_json_atomic(out / "ablation.json", data)
     tmp = out / ".ablation.tmp.ipynb"
-    papermill.execute_notebook(ROOT / "notebooks" / "ablation.ipynb", tmp, parameters={
-        "ablation": str(out / "ablation.json"), "out": str(out)}, cwd=ROOT, progress_bar=False)
+    papermill.execute_notebook(ROOT / "notebooks" / "ablation.ipynb", tmp, parameters={  # paths as the repository's
+        "ablation": os.path.relpath(out / "ablation.json", ROOT), "out": os.path.relpath(out, ROOT)}, cwd=ROOT,
+        progress_bar=False)
     os.replace(tmp, out / "ablation.ipynb")
     print(f"{len(data['varied'])} varied parameter(s) ({', '.join(data['varied']) or 'none'}) over "
           f"{len({r['name'] for r in data['rows']})} configuration(s) -> {out / 'ablation.md'}", file=sys.stderr)
