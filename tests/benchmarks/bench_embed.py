@@ -31,18 +31,15 @@ import time
 import warnings
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
-import transformers
-from bench_finetune import checkpoint, synthetic_cells
+from bench_finetune import benchmark_cells, checkpoint
 from torch.nn.utils.rnn import pad_sequence
 from transformers import BertForMaskedLM, BertModel
 
 from mixgf.embed import embed_cells
 from mixgf.model import PRESETS, mean_pool
-from mixgf.tokens import load_tokens
-from mixgf.vocab import GeneVocab, default_vocab
+from mixgf.vocab import GeneVocab
 
 
 def run_mixgf(model_dir: Path, dataset, meta, layer: int, batch_size: int) -> np.ndarray:
@@ -78,18 +75,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--masked-lm", action="store_true", help="add the BertForMaskedLM loop (slow)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-    vocab = default_vocab()
-    if args.tokens:
-        dataset, meta = load_tokens(args.tokens)
-        dataset = dataset.select(range(min(args.cells, len(dataset))))
-    else:
-        meta = {"vocab": vocab.identity(), "medians": None, "max_len": args.max_len}
-        dataset = synthetic_cells(args.cells, args.max_len, len(vocab))
+    vocab, dataset, meta = benchmark_cells(args)
     lengths = np.asarray(dataset["length"])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"{len(dataset)} cells ({args.tokens or 'synthetic'}), length median {np.median(lengths):.0f}, mean "

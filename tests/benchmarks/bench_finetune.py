@@ -45,6 +45,21 @@ def synthetic_cells(n_cells: int, max_len: int, vocab_size: int, n_types: int = 
     return datasets.Dataset.from_dict({"input_ids": cells, "length": lengths, "cell_type": types})
 
 
+def benchmark_cells(args) -> tuple:
+    """Quiet libraries, ``args.threads`` torch threads, and the benchmark's cells: the first ``args.cells`` of
+    ``args.tokens``, or synthetic ones of at most ``args.max_len`` genes. Returns (vocab, dataset, meta)."""
+    torch.set_num_threads(args.threads)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    vocab = default_vocab()
+    if args.tokens:
+        dataset, meta = load_tokens(args.tokens)
+        return vocab, dataset.select(range(min(args.cells, len(dataset)))), meta
+    meta = {"vocab": vocab.identity(), "medians": None, "max_len": args.max_len}
+    return vocab, synthetic_cells(args.cells, args.max_len, len(vocab)), meta
+
+
 def checkpoint(out: Path, meta: dict, preset: str) -> Path:
     """A pretrained-model folder as mixgf writes it: BERT config with vocab / medians / max_len, BERT weights."""
     vocab = default_vocab()
@@ -129,18 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--label", default="cell_type")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-    vocab = default_vocab()
-    if args.tokens:
-        dataset, meta = load_tokens(args.tokens)
-        dataset = dataset.select(range(min(args.cells, len(dataset))))
-    else:
-        meta = {"vocab": vocab.identity(), "medians": None, "max_len": args.max_len}
-        dataset = synthetic_cells(args.cells, args.max_len, len(vocab))
+    vocab, dataset, meta = benchmark_cells(args)
     cfg = FinetuneConfig(epochs=args.epochs)
     lengths = np.asarray(dataset["length"])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
