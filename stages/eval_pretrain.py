@@ -20,6 +20,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--species", required=True, help="comma-separated: the species the model was pretrained on")
+    parser.add_argument("--corpora", required=True, type=Path, help="folder of the per-species pretraining corpora")
+    parser.add_argument("--held-out", required=True, type=Path, help="folder of the <species>_finetune token datasets")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
     params = load_params()
@@ -29,9 +31,9 @@ def main(argv=None):
     vocab = GeneVocab.read(args.model / "vocab.tsv")
     results = {}
     for species in args.species.split(","):
-        corpus, _ = load_tokens(Path("data/corpus") / species)
-        held_out, meta = load_tokens(Path("data/tokens") / f"{species}_finetune")
-        check_token_dataset(model.config, meta, f"data/tokens/{species}_finetune")
+        corpus, _ = load_tokens(args.corpora / species)
+        held_out, meta = load_tokens(args.held_out / f"{species}_finetune")
+        check_token_dataset(model.config, meta, str(args.held_out / f"{species}_finetune"))
         frequencies = gene_frequencies(corpus, len(vocab), max_cells=p["frequency_cells"])
         r = results[species] = evaluate_mlm(model, held_out, vocab, frequencies, species=species,
                                             max_cells=p["max_cells"], seed=params["seed"],
