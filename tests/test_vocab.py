@@ -94,5 +94,8 @@ def test_subset_vocab_keeps_the_union_order_and_the_special_tokens():
     sub = V.subset_vocab(full, {mouse, human, "not-a-gene"})
     assert sub.tokens == ("<pad>", "<mask>", human, mouse)
     assert sub.name == f"{full.name}-subset2" and sub.hash != full.hash
+    unsorted = V.GeneVocab(("<pad>", "<mask>", "ENSG00000000005", "ENSG00000000003", "ENSG00000000004"), name="u")
+    assert V.subset_vocab(unsorted, {"ENSG00000000003", "ENSG00000000005"}).tokens[2:] == (
+        "ENSG00000000005", "ENSG00000000003")  # the vocabulary's order, not sorted
     with pytest.raises(ValueError, match="none of the 1 genes"):
         V.subset_vocab(full, {"not-a-gene"})
