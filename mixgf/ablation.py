@@ -31,6 +31,10 @@ MEASURES = {
         (f"{s}_to_{t}.mixgf.{how}.accuracy_low", f"{s}_to_{t}.mixgf.{how}.accuracy_high"), "%")
        for s, t in (("mouse", "human"), ("human", "mouse")) for how, name in (("classifier", "classifier"),
                                                                                ("knn", "k-NN"))},
+    **{f"cross-species {s} → {t}, ortholog logistic regression": (  # the bar a foundation model must clear
+        "metrics/cross_species.json", f"{s}_to_{t}.ortholog_logreg.accuracy",
+        (f"{s}_to_{t}.ortholog_logreg.accuracy_low", f"{s}_to_{t}.ortholog_logreg.accuracy_high"), "%")
+       for s, t in (("mouse", "human"), ("human", "mouse"))},
 }
 
 

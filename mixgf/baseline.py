@@ -170,6 +170,35 @@ def map_labels(labels, correspondence: dict | pd.DataFrame | str | Path | None) 
     return mapped
 
 
+def counterparts(labels, table: pd.DataFrame | None, source: str, target: str) -> np.ndarray:
+    """``target``-species labels in the ``source`` species' names, through a correspondence table with columns
+    ``mouse`` and ``human`` (one row per pair of corresponding cell types; ``None``: the names are shared, as in the
+    demo atlas). Labels without a counterpart become None, with a warning naming them (:func:`map_labels`)."""
+    if table is None:
+        return np.asarray(labels, dtype=object)
+    missing = {"mouse", "human"} - set(table.columns)
+    if missing:
+        raise ValueError(f"a cell-type correspondence table needs columns mouse and human, it lacks "
+                         f"{', '.join(sorted(missing))}")
+    return map_labels(labels, dict(zip(table[target], table[source])))
+
+
+def with_ensembl_ids(adata: ad.AnnData, species: str, *, gene_column: str | None = None,
+                     name: str = "input") -> ad.AnnData:
+    """``adata`` with its genes' Ensembl ids as var_names (found as the tokenizer finds them,
+    :func:`mixgf.readers.resolve_gene_ids`: a ``gene_column``, var['ensembl_id'], Ensembl ids or gene symbols),
+    genes without an id dropped and columns that share one summed, so that :func:`ortholog_transfer` can match
+    the ortholog table."""
+    from mixgf.readers import resolve_gene_ids
+
+    ids = resolve_gene_ids(adata.var, species, gene_column=gene_column, name=name).ensembl
+    known = np.flatnonzero(pd.notna(ids))
+    genes, column = np.unique(ids[known].astype(str), return_inverse=True)
+    merge = sp.csr_matrix((np.ones(len(known), np.float32), (known, column)), shape=(adata.n_vars, len(genes)))
+    X = sp.csr_matrix(adata.X) @ merge
+    return ad.AnnData(X=X, obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(genes, name="ensembl_id")))
+
+
 def _rows(adata: ad.AnnData, cells, what: str) -> np.ndarray:
     if not adata.obs_names.is_unique:
         raise ValueError("adata.obs_names are not unique; run adata.obs_names_make_unique() first")

@@ -79,12 +79,18 @@ def _import_dict(args) -> None:
 
 
 def _vocab(args) -> None:
-    """Unified vocabulary from the Geneformer V1 ids and another mouse gene list (e.g. Mouse-Geneformer's)."""
-    from mixgf.vocab import GeneVocab, geneformer_v1_vocab, load_pickle_dict, unified_vocab
+    """Unified vocabulary from the Geneformer V1 ids and a mouse gene list (default: the bundled BioMart genes),
+    union or with one-to-one orthologs sharing a token."""
+    from mixgf.vocab import GeneVocab, default_vocab, geneformer_v1_vocab, load_pickle_dict, orthologs_vocab, unified_vocab
 
-    path = Path(args.mouse)
-    genes = load_pickle_dict(path) if path.suffix == ".pkl" else GeneVocab.read(path).tokens
-    vocab = unified_vocab(geneformer_v1_vocab(), genes)
+    if args.mouse is None:
+        vocab = default_vocab()
+    else:
+        path = Path(args.mouse)
+        genes = load_pickle_dict(path) if path.suffix == ".pkl" else GeneVocab.read(path).tokens
+        vocab = unified_vocab(geneformer_v1_vocab(), genes)
+    if args.mode == "orthologs":
+        vocab = orthologs_vocab(vocab)
     vocab.write(args.out)
     print(f"{len(vocab):,} tokens (hash {vocab.hash}) -> {args.out}", file=sys.stderr)
 
@@ -123,13 +129,13 @@ def _finetune(args) -> None:
 
 
 def _predict(args) -> None:
-    """Predict cell types; with --label also score them (accuracy, macro-F1, 95% bootstrap intervals)."""
-    import numpy as np
+    """Predict cell types; with --label also score them (accuracy, macro-F1, 95% bootstrap intervals), and with
+    --correspondence score cells of the other species than the classifier's through corresponding types."""
+    import pandas as pd
     from transformers import AutoConfig
 
     from mixgf.classify import predict
-    from mixgf.io import write_json_atomic, write_text_atomic
-    from mixgf.stats import bootstrap_ci
+    from mixgf.io import write_text_atomic
     from mixgf.tokens import load_tokens
     from mixgf.vocab import load_vocab
 
@@ -142,19 +148,92 @@ def _predict(args) -> None:
     print(f"{len(frame):,} cells -> {args.out}", file=sys.stderr)
     if not args.label:
         return
-    y, pred = frame[args.label].astype(str).to_numpy(), frame["predicted"].astype(str).to_numpy()
-    scores = {"n_cells": len(frame), "label": args.label}
+    truth = frame[args.label].astype(str).to_numpy()
+    if args.correspondence:
+        species = meta.get("species")
+        species = species[0] if isinstance(species, list) and len(species) == 1 else species
+        if species not in ("mouse", "human"):
+            raise ValueError(f"{args.tokens}: --correspondence needs cells of one species, the tokens record {species!r}")
+        truth = _counterparts(truth, args.correspondence, "human" if species == "mouse" else "mouse", species)
+    known = list(AutoConfig.from_pretrained(args.classifier).label2id)  # a cell of another type is always wrong
+    unknown = ~pd.Series(truth).isin(known) & pd.Series(truth).notna()
+    _score(truth, frame["predicted"].to_numpy(), args.out, label=args.label,
+           n_cells_label_unknown_to_classifier=int(unknown.sum()))
+
+
+def _counterparts(labels, path, source: str, target: str):
+    """``target``-species labels in ``source`` names through the correspondence CSV at ``path``."""
+    import pandas as pd
+
+    from mixgf.baseline import counterparts
+
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return counterparts(labels, table, source, target)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _score(truth, predicted, out, **extra) -> None:
+    """Accuracy and macro-F1 with 95% bootstrap intervals over the cells with a true label (None: no counterpart
+    in the predicted species), on stdout and in OUT.json beside the CSV."""
+    import numpy as np
+
+    from mixgf.io import write_json_atomic
+    from mixgf.stats import bootstrap_ci
+
+    known = np.array([t is not None for t in truth])
+    if not known.any():
+        raise ValueError("no cell has a true label that the predictions can be compared with (check --correspondence)")
+    y, pred = np.asarray(truth)[known].astype(str), np.asarray(predicted)[known].astype(str)
+    scores = {"n_cells": int(known.sum()), "n_cells_without_counterpart": int((~known).sum()), **extra}
     for name in ("accuracy", "macro_f1"):
         estimate, low, high = bootstrap_ci(y, pred, name, n_boot=2000, seed=0)
         scores[name] = {"estimate": estimate, "ci95": [low, high]}
-    known = list(AutoConfig.from_pretrained(args.classifier).label2id)  # a cell of another type is always wrong
-    scores["n_cells_label_unknown_to_classifier"] = int((~np.isin(y, known)).sum())
-    path = Path(args.out).with_suffix(".json")
+    path = Path(out).with_suffix(".json")
     write_json_atomic(path, scores)
     print(f"accuracy {scores['accuracy']['estimate']:.4f} (95% CI {scores['accuracy']['ci95'][0]:.4f}-"
           f"{scores['accuracy']['ci95'][1]:.4f}), macro-F1 {scores['macro_f1']['estimate']:.4f} (95% CI "
-          f"{scores['macro_f1']['ci95'][0]:.4f}-{scores['macro_f1']['ci95'][1]:.4f})")
+          f"{scores['macro_f1']['ci95'][0]:.4f}-{scores['macro_f1']['ci95'][1]:.4f}) over {scores['n_cells']:,} cells")
     print(f"scores -> {path}", file=sys.stderr)
+
+
+def _baseline(args) -> None:
+    """The bar for cross-species transfer: a logistic regression on one species' one-to-one orthologs (log1p CP10k),
+    trained on every SOURCE cell and tested on every TARGET cell."""
+    import anndata as ad
+    import pandas as pd
+
+    from mixgf.baseline import ortholog_transfer, with_ensembl_ids
+    from mixgf.io import write_text_atomic
+
+    data = {}
+    for role, path, species, column in (("source", args.source, args.source_species, args.source_gene_column),
+                                        ("target", args.target, args.target_species, args.target_gene_column)):
+        adata = ad.read_h5ad(path)
+        if args.counts == "raw":
+            adata = adata.raw.to_adata()
+        elif args.counts != "X":
+            adata = ad.AnnData(adata.layers[args.counts], obs=adata.obs, var=adata.var)
+        data[role] = with_ensembl_ids(adata, species, gene_column=column, name=str(path))
+    if args.label not in data["source"].obs:
+        raise ValueError(f"{args.source}: obs has no column {args.label!r}; columns: {', '.join(data['source'].obs)}")
+    transfer = ortholog_transfer(data["source"], data["target"], args.label, C=args.C)
+    target = data["target"].obs
+    frame = pd.DataFrame({"cell_index": range(len(target)), "cell_id": target.index.astype(str),
+                          "predicted": transfer.predicted})
+    if args.target_label:
+        if args.target_label not in target:
+            raise ValueError(f"{args.target}: obs has no column {args.target_label!r}; columns: {', '.join(target)}")
+        frame[args.target_label] = target[args.target_label].astype(str).to_numpy()
+    write_text_atomic(args.out, frame.to_csv(index=False))
+    print(f"{len(frame):,} {transfer.target_species} cells predicted through {transfer.n_orthologs:,} one-to-one "
+          f"orthologs -> {args.out}", file=sys.stderr)
+    if args.target_label:
+        truth = frame[args.target_label].to_numpy(dtype=object)
+        if args.correspondence:
+            truth = _counterparts(truth, args.correspondence, transfer.source_species, transfer.target_species)
+        _score(truth, transfer.predicted, args.out, label=args.target_label, n_orthologs=transfer.n_orthologs)
 
 
 def _embed(args) -> None:
@@ -337,7 +416,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="obs column of true labels: print accuracy and macro-F1, write OUT.json")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--vocab", help="vocabulary of a classifier whose config records none")
+    p.add_argument("--correspondence", help="CSV with columns mouse, human (corresponding cell types): score cells "
+                   "of the other species than the classifier's by their counterpart type")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("baseline", help="cross-species control: logistic regression on one-to-one orthologs")
+    p.add_argument("source", help=".h5ad of raw counts with labels (e.g. mouse), genes as Ensembl ids or symbols")
+    p.add_argument("target", help=".h5ad of raw counts of the other species (e.g. human)")
+    p.add_argument("--label", required=True, help="obs column of the source's labels")
+    p.add_argument("--out", required=True, help="CSV: cell_index, cell_id, predicted (and --target-label)")
+    p.add_argument("--target-label", help="obs column of the target's true labels: print accuracy, write OUT.json")
+    p.add_argument("--correspondence", help="CSV with columns mouse, human: the target's labels in source names")
+    p.add_argument("--source-species", default="mouse", choices=["mouse", "human"])
+    p.add_argument("--target-species", default="human", choices=["mouse", "human"])
+    p.add_argument("--source-gene-column", help="var column of the source holding gene ids (Ensembl or symbols)")
+    p.add_argument("--target-gene-column", help="var column of the target holding gene ids (Ensembl or symbols)")
+    p.add_argument("--counts", default="X", help="count matrix of both files: X, raw, or a layer name")
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 penalty of the logistic regression")
+    p.set_defaults(func=_baseline)
 
     p = sub.add_parser("embed", help="cell embeddings: mean of one layer over a cell's genes, in .obsm['X_mixgf']")
     p.add_argument("model", help="model folder (pretrained or fine-tuned)")
@@ -390,8 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_import_dict)
 
-    p = sub.add_parser("vocab", help="build a unified vocabulary with another mouse gene list")
-    p.add_argument("mouse", help="Mouse-Geneformer token dictionary (.pkl) or a vocabulary TSV")
+    p = sub.add_parser("vocab", help="build a unified vocabulary (union, or one-to-one orthologs sharing a token)")
+    p.add_argument("mouse", nargs="?", help="Mouse-Geneformer token dictionary (.pkl) or a vocabulary TSV "
+                   "(default: the bundled Ensembl BioMart mouse genes)")
+    p.add_argument("--mode", choices=("union", "orthologs"), default="union",
+                   help="union: every gene its own token (the paper); orthologs: a one-to-one human/mouse pair "
+                   "(bundled Ensembl BioMart table) shares the human token")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_vocab)
     return parser

@@ -43,6 +43,12 @@ class MixGFConfig(BertConfig):
         CLS token, position 0 is the top-ranked gene); ``"mean"`` is the mean of the last layer over non-pad genes.
     gather_negatives
         Under DDP, use every rank's views as negatives (all-gather). False reproduces the paper (per-device negatives).
+    ortholog_weight, ortholog_tau, ortholog_loss
+        The cross-species contrastive term (ours; weight 0, the default, reproduces the paper): each cell is also
+        rendered in the other species' tokens through the one-to-one ortholog table
+        (:func:`mixgf.vocab.ortholog_targets`), and the mean-pooled embeddings of its two renderings are pulled
+        together with the contrastive loss ``ortholog_loss`` (a key of :data:`mixgf.simcse.LOSSES`) at temperature
+        ``ortholog_tau``; the other cells of the batch are the negatives. It trains: its gradient reaches the encoder.
     vocab, medians
         Identity (``{"name", "hash", "size"}``, ``GeneVocab.identity()``) of the vocabulary, and per species the
         identity of the gene medians (``{"human": Medians.identity(), ...}``), that tokenized the pretraining corpus;
@@ -65,6 +71,9 @@ class MixGFConfig(BertConfig):
         simcse_weight: float = 1.0,
         pooling: str = "first",
         gather_negatives: bool = False,
+        ortholog_weight: float = 0.0,
+        ortholog_tau: float = 0.05,
+        ortholog_loss: str = "nt_xent",
         vocab: dict | None = None,
         medians: dict | None = None,
         max_len: int | None = None,
@@ -78,11 +87,18 @@ class MixGFConfig(BertConfig):
             raise ValueError(f"simcse_tau must be positive, got {simcse_tau}")
         if not simcse_weight >= 0:
             raise ValueError(f"simcse_weight must be >= 0, got {simcse_weight}")
+        if ortholog_loss not in LOSSES:
+            raise ValueError(f"ortholog_loss must be one of {tuple(LOSSES)}, got {ortholog_loss!r}")
+        if not (ortholog_tau > 0 and ortholog_weight >= 0):
+            raise ValueError(f"ortholog_tau must be positive and ortholog_weight >= 0, got {ortholog_tau}, {ortholog_weight}")
         self.simcse_loss = simcse_loss
         self.simcse_tau = simcse_tau
         self.simcse_weight = simcse_weight
         self.pooling = pooling
         self.gather_negatives = gather_negatives
+        self.ortholog_weight = ortholog_weight
+        self.ortholog_tau = ortholog_tau
+        self.ortholog_loss = ortholog_loss
         self.vocab = vocab
         self.medians = medians
         self.max_len = max_len
@@ -170,9 +186,9 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 @dataclass
 class MixGFPretrainingOutput(ModelOutput):
-    """``loss`` = ``loss_mlm`` + simcse_weight x ``loss_simcse``, set only when labels are given, with
-    ``simcse_diagnostics`` (:func:`mixgf.simcse.diagnostics`: ``simcse_pos_cos``, ``simcse_neg_cos``,
-    ``simcse_accuracy``) when SimCSE runs.
+    """``loss`` = ``loss_mlm`` + simcse_weight x ``loss_simcse`` + ortholog_weight x ``loss_ortholog``, set only when
+    labels are given, with ``diagnostics`` (:func:`mixgf.simcse.diagnostics` of each contrastive term that runs:
+    ``simcse_pos_cos``, ``simcse_neg_cos``, ``simcse_accuracy``, ``ortholog_pos_cos``, ...).
 
     ``logits`` are (N, L, vocab) without labels, as in ``BertForMaskedLM``; with labels they are computed only at the
     masked positions, (n_masked, vocab) in row-major order of ``labels != -100``: with ~82k genes the output layer
@@ -182,8 +198,9 @@ class MixGFPretrainingOutput(ModelOutput):
     loss: torch.Tensor | None = None
     loss_mlm: torch.Tensor | None = None
     loss_simcse: torch.Tensor | None = None
+    loss_ortholog: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    simcse_diagnostics: dict[str, torch.Tensor] | None = None
+    diagnostics: dict[str, torch.Tensor] | None = None
 
 
 class MixGFForPretraining(BertPreTrainedModel):
@@ -227,6 +244,8 @@ class MixGFForPretraining(BertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: float | torch.Tensor | None = None,
+        ortholog_input_ids: torch.Tensor | None = None,
+        ortholog_attention_mask: torch.Tensor | None = None,
     ) -> MixGFPretrainingOutput:
         """Encode ``input_ids`` (N, L); with ``labels`` (N, L; -100 where not masked) also return the losses.
 
@@ -235,31 +254,50 @@ class MixGFForPretraining(BertPreTrainedModel):
         genes of all processes rather than over their per-process means.
         SimCSE's two dropout passes run as one pass over the batch stacked on itself: every row draws its own
         dropout masks, so this equals two passes and keeps one large matmul per layer. MLM uses the first view only.
+        With ``ortholog_weight`` > 0 the cells rendered in the other species' tokens (``ortholog_input_ids``, (N, L')
+        with L' <= L, from :class:`~mixgf.collate.MLMCollator` with orthologs) join that pass, and the cross-species
+        term compares them with the first view; cells without any ortholog are left out of it.
         """
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
+        n = len(input_ids)
         simcse = labels is not None and self.config.simcse_weight > 0
-        if simcse:
-            input_ids, attention_mask = torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask])
-        outputs = self.bert(input_ids, attention_mask=attention_mask)
+        contrast = labels is not None and self.config.ortholog_weight > 0
+        if contrast and ortholog_input_ids is None:
+            raise ValueError("ortholog_weight > 0 needs ortholog_input_ids: the cells rendered in the other species' "
+                             "tokens (MLMCollator.for_vocab(..., orthologs=True))")
+        views, masks = [input_ids] * (2 if simcse else 1), [attention_mask] * (2 if simcse else 1)
+        if contrast:
+            if ortholog_attention_mask is None:
+                ortholog_attention_mask = (ortholog_input_ids != self.config.pad_token_id).long()
+            width = input_ids.shape[1] - ortholog_input_ids.shape[1]
+            views.append(F.pad(ortholog_input_ids, (0, width), value=self.config.pad_token_id))
+            masks.append(F.pad(ortholog_attention_mask, (0, width)))
+        all_masks = torch.cat(masks)
+        outputs = self.bert(torch.cat(views), attention_mask=all_masks)
         hidden = outputs.last_hidden_state
         if labels is None:
             return MixGFPretrainingOutput(logits=self.cls(hidden))
 
         masked = labels != IGNORE_INDEX
-        logits = self.cls(hidden[: len(labels)][masked])
+        logits = self.cls(hidden[:n][masked])
         loss_mlm = F.cross_entropy(at_least_float32(logits), labels[masked], reduction="sum") / (
             masked.sum() if num_items_in_batch is None else num_items_in_batch)
-        if not simcse:
-            return MixGFPretrainingOutput(loss=loss_mlm, loss_mlm=loss_mlm, logits=logits)
-        z1, z2 = self.pool(outputs, attention_mask).chunk(2)
-        loss_simcse = simcse_loss(self.config.simcse_loss, z1, z2, self.config.simcse_tau,
-                                  gather=self.config.gather_negatives)
-        loss = loss_mlm + self.config.simcse_weight * loss_simcse
-        stats = {f"simcse_{k}": v for k, v in diagnostics(z1, z2).items()}
-        return MixGFPretrainingOutput(loss=loss, loss_mlm=loss_mlm, loss_simcse=loss_simcse, logits=logits,
-                                      simcse_diagnostics=stats)
-
+        out = MixGFPretrainingOutput(loss=loss_mlm, loss_mlm=loss_mlm, logits=logits, diagnostics={})
+        if simcse:
+            z1, z2 = self.pool(outputs, all_masks)[: 2 * n].chunk(2)
+            out.loss_simcse = simcse_loss(self.config.simcse_loss, z1, z2, self.config.simcse_tau,
+                                          gather=self.config.gather_negatives)
+            out.loss = out.loss + self.config.simcse_weight * out.loss_simcse
+            out.diagnostics |= {f"simcse_{k}": v for k, v in diagnostics(z1, z2).items()}
+        if contrast:
+            has = masks[-1].bool().any(1)
+            z = mean_pool(hidden[:n][has], attention_mask[has])
+            z_other = mean_pool(hidden[-n:][has], masks[-1][has])
+            out.loss_ortholog = simcse_loss(self.config.ortholog_loss, z, z_other, self.config.ortholog_tau)
+            out.loss = out.loss + self.config.ortholog_weight * out.loss_ortholog
+            out.diagnostics |= {f"ortholog_{k}": v for k, v in diagnostics(z, z_other).items()}
+        return out
 
 
 def import_bert_checkpoint(path, source_vocab, target_vocab, meta: dict) -> MixGFForPretraining:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from mixgf.classify import _column, _device, _length_limit, _model_vocab, _read_config, _warn_truncation
 from mixgf.encoder import Encoder, load_encoder
 from mixgf.model import mean_pool
-from mixgf.vocab import GeneVocab
+from mixgf.vocab import SPECIES, GeneVocab
 
 MODES = ("delete", "overexpress")
 NULLS = ("pooled", "random")
@@ -224,9 +224,21 @@ def _run(encoder: Encoder, cells, rows: np.ndarray, mode: str, genes: np.ndarray
 @dataclass
 class _Setup:
     encoder: Encoder
-    vocab: GeneVocab
+    gene_names: np.ndarray  # per token id, the Ensembl id it stands for in these cells
     limit: int
     genes: np.ndarray | None
+
+
+def _gene_names(vocab: GeneVocab, meta: dict) -> np.ndarray:
+    """Per token id, its Ensembl id in the cells' species (a token shared by orthologs reads as the mouse gene in
+    mouse cells), else the token itself (cells of several or unknown species)."""
+    species = meta.get("species")
+    species = species[0] if isinstance(species, list) and len(species) == 1 else species
+    tokens = np.asarray(vocab.tokens, dtype=object)
+    if species not in SPECIES:
+        return tokens
+    names = vocab.gene_ids(species)
+    return np.where(names != "", names, tokens)
 
 
 def _setup(model_dir, dataset, meta: dict, *, mode: str, genes, emb_layer: int, vocab, device, source) -> _Setup:
@@ -250,7 +262,7 @@ def _setup(model_dir, dataset, meta: dict, *, mode: str, genes, emb_layer: int, 
             raise ValueError(f"genes {unknown[:5]} are not genes of the model's vocabulary {gene_vocab.name!r}")
         wanted = np.unique(wanted)
     device = torch.device(device) if device is not None else _device()
-    return _Setup(load_encoder(model_dir, config, emb_layer, device), gene_vocab, limit, wanted)
+    return _Setup(load_encoder(model_dir, config, emb_layer, device), _gene_names(gene_vocab, meta), limit, wanted)
 
 
 def _sample(rows: np.ndarray, max_cells: int | None) -> np.ndarray:
@@ -287,7 +299,7 @@ def perturb(model_dir, dataset, meta: dict, *, mode: str = "delete", genes="all"
     r = _run(s.encoder, dataset, rows, mode, s.genes, s.limit, batch_size, goal=None)
     frame = pd.DataFrame({"cell_index": r["cell"].astype(np.int64), "perturbed_position": r["position"].astype(np.int64),
                           "perturbed_token": r["gene"].astype(np.int64),
-                          "ensembl_id": np.asarray(s.vocab.tokens, dtype=object)[r["gene"].astype(np.int64)],
+                          "ensembl_id": s.gene_names[r["gene"].astype(np.int64)],
                           "cos_sim": r["value"].astype(np.float64)}, columns=PERTURB_COLUMNS)
     return frame.sort_values(["cell_index", "perturbed_position", "perturbed_token"], ignore_index=True)
 
@@ -319,7 +331,7 @@ def perturb_to_goal(model_dir, dataset, meta: dict, *, state_key: str, start, go
     r = _run(s.encoder, dataset, _sample(start_rows, max_cells), mode, s.genes, s.limit, batch_size,
              goal=goal_embedding(s.encoder, dataset, goal_rows, s.limit, batch_size))
     frame = pd.DataFrame({"cell_index": r["cell"].astype(np.int64),
-                          "ensembl_id": np.asarray(s.vocab.tokens, dtype=object)[r["gene"].astype(np.int64)],
+                          "ensembl_id": s.gene_names[r["gene"].astype(np.int64)],
                           "cosine_shift": r["value"].astype(np.float64)}, columns=SHIFT_COLUMNS)
     return frame.iloc[np.lexsort((r["position"], r["cell"]))].reset_index(drop=True)
 

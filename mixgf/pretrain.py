@@ -50,7 +50,8 @@ class PretrainConfig:
     """Optimisation settings; the defaults are the paper's (SPEC §4) where it states them.
 
     ``batch_size`` is per process. ``max_steps``, when set, replaces ``epochs`` as the length of the run (and of the
-    cosine schedule). ``grad_clip`` 1.0 is the Hugging Face Trainer's default, which the authors used. ``dtype`` is
+    cosine schedule). ``balance_species`` (ours) makes every epoch hold as many cells of each species as of the largest
+    (:func:`mixgf.collate.balanced_rows`; the paper's corpus is 44% mouse). ``grad_clip`` 1.0 is the Hugging Face Trainer's default, which the authors used. ``dtype`` is
     the autocast dtype on GPUs ("bfloat16" or "float32"); CPU always runs in float32.
 
     The last four fields (:data:`RUNTIME_FIELDS`) change how a run is watched and fed, not what it computes: a
@@ -66,6 +67,7 @@ class PretrainConfig:
     max_steps: int | None = None
     grad_clip: float = 1.0
     megabatch: int = 50
+    balance_species: bool = False
     mlm_probability: float = 0.15
     pad_to_multiple_of: int = 8
     seed: int = 42
@@ -299,7 +301,8 @@ def _truncate_logs(log_dir: Path, step: int) -> None:
 # the loop
 # ---------------------------------------------------------------------------------------------------------------
 
-_LOGGED = ("loss", "loss_mlm", "loss_simcse", "simcse_pos_cos", "simcse_neg_cos", "simcse_accuracy", "grad_norm")
+_LOGGED = ("loss", "loss_mlm", "loss_simcse", "simcse_pos_cos", "simcse_neg_cos", "simcse_accuracy", "loss_ortholog",
+           "ortholog_pos_cos", "ortholog_neg_cos", "ortholog_accuracy", "grad_norm")
 
 
 def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: PretrainConfig, out_dir: str | Path, *,
@@ -333,7 +336,7 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
         Where the final model goes (default ``out_dir/model``), e.g. apart from a checkpoint folder that persists.
     log_dir
         dvclive directory for loss, loss_mlm, loss_simcse, the SimCSE diagnostics (mean cosine of positive and of
-        negative pairs, contrastive accuracy), grad_norm (before clipping), lr and tokens_per_s (non-pad tokens
+        negative pairs, contrastive accuracy), loss_ortholog and its diagnostics (ortholog_*), grad_norm (before clipping), lr and tokens_per_s (non-pad tokens
         over all ranks); ``None`` logs nothing. Values are averages over the ``log_every`` steps before each logged
         step. Note that dvclive runs ``dvc init`` at the git root when the working directory is in a git
         repository without DVC.
@@ -362,12 +365,13 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
 
     model.to(proc.device)
     optimizer = configure_optimizer(model, cfg)
-    collate = MLMCollator.for_vocab(vocab, species, mlm_probability=cfg.mlm_probability,
+    collate = MLMCollator.for_vocab(vocab, species, orthologs=model.config.ortholog_weight > 0,
+                                    mlm_probability=cfg.mlm_probability,
                                     pad_to_multiple_of=cfg.pad_to_multiple_of,
                                     max_length=model.config.max_position_embeddings)
     batches = PretrainBatches(dataset.select_columns("input_ids").with_format("numpy"), lengths, species_codes,
                               collate, cfg.batch_size, megabatch=cfg.megabatch, seed=cfg.seed, rank=proc.rank,
-                              world_size=proc.world_size)
+                              world_size=proc.world_size, balance_species=cfg.balance_species)
     total_steps = cfg.max_steps or cfg.epochs * len(batches)
     run = _run_identity(model.config, cfg, dataset, proc.world_size)
     resuming = resume and checkpoint.exists()
@@ -422,8 +426,8 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
         step += 1
         bar.update()
 
-        values = {"loss": out.loss, "loss_mlm": out.loss_mlm, "grad_norm": grad_norm,
-                  **({"loss_simcse": out.loss_simcse, **out.simcse_diagnostics} if simcse else {})}
+        values = {"loss": out.loss, "loss_mlm": out.loss_mlm, "grad_norm": grad_norm, **out.diagnostics,
+                  **{k: getattr(out, k) for k in ("loss_simcse", "loss_ortholog") if getattr(out, k) is not None}}
         window += torch.stack([values[k].detach().float() if k in values else torch.zeros((), device=proc.device)
                                for k in _LOGGED] + [batch["attention_mask"].sum().float()])
         window_steps += 1

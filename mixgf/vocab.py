@@ -3,7 +3,9 @@
 The unified Mix-Geneformer vocabulary is one flat list of tokens: ``<pad>`` = 0, ``<mask>`` = 1, the
 Geneformer V1 (gc30M) human Ensembl genes with their original ids 2..25,425, then mouse Ensembl genes in
 ascending id order. Keeping the V1 ids unchanged keeps Genecorpus-30M and Geneformer V1 checkpoints usable
-as they are. Everything here is read from plain-text TSV files bundled in ``mixgf/resources`` (built by
+as they are. That is the paper's ``union`` vocabulary, where a mouse gene and its human ortholog are unrelated
+tokens; :func:`orthologs_vocab` makes the ``orthologs`` one, where a one-to-one pair shares its human token (the mouse
+gene becomes an alias of it) and every other gene keeps its own. Everything here is read from plain-text TSV files bundled in ``mixgf/resources`` (built by
 ``python -m mixgf.resources.build``); legacy Geneformer pickles are read only through
 :func:`load_pickle_dict`, which refuses anything but a plain ``dict`` of ``str`` to numbers or strings.
 """
@@ -55,19 +57,30 @@ def content_hash(lines) -> str:
 
 @dataclass(frozen=True)
 class GeneVocab:
-    """An ordered token list; token id = position. Immutable and hashable by content."""
+    """An ordered token list; token id = position. Immutable and hashable by content.
+
+    ``aliases`` maps a token to the other genes that share it (the orthologs vocabulary: a human token's one-to-one
+    mouse ortholog); :meth:`ids` finds a token by its own name or any alias.
+    """
 
     tokens: tuple[str, ...] = field(repr=False)
     name: str = field(default="custom", compare=False)
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), repr=False)  # (token, its aliases), by id
     _index: dict = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.tokens[:2] != (PAD, MASK):
             raise ValueError(f"vocabulary {self.name!r} must start with {PAD!r}, {MASK!r}; got {self.tokens[:2]}")
         index = {t: i for i, t in enumerate(self.tokens)}
-        if len(index) != len(self.tokens):
-            dup = pd.Series(self.tokens)[pd.Series(self.tokens).duplicated()].iloc[0]
-            raise ValueError(f"vocabulary {self.name!r} lists token {dup!r} more than once")
+        names = list(self.tokens)
+        for token, others in self.aliases:
+            if token not in index:
+                raise ValueError(f"vocabulary {self.name!r} gives aliases for {token!r}, which is not one of its tokens")
+            index |= {alias: index[token] for alias in others}
+            names += others
+        if len(index) != len(names):
+            dup = pd.Series(names)[pd.Series(names).duplicated()].iloc[0]
+            raise ValueError(f"vocabulary {self.name!r} lists gene {dup!r} more than once")
         object.__setattr__(self, "_index", index)
 
     pad_id = 0
@@ -87,16 +100,28 @@ class GeneVocab:
 
     @property
     def hash(self) -> str:
-        return content_hash(self.tokens)
+        """Of the tokens, then of the aliases (none: the hash of the tokens alone, as before aliases existed)."""
+        return content_hash([*self.tokens, *(f"{t}\t{','.join(a)}" for t, a in self.aliases)])
 
     def ids(self, genes, missing: int = -1) -> np.ndarray:
         """Token ids of ``genes`` (int64), ``missing`` where a gene is not in the vocabulary."""
         return np.fromiter((self._index.get(g, missing) for g in genes), dtype=np.int64, count=len(genes))
 
+    def gene_ids(self, species: str) -> np.ndarray:
+        """Per token id, the Ensembl id of ``species``' gene behind it ("" where the token has none): a shared token
+        reads as the mouse gene in mouse cells."""
+        prefix = ENSEMBL_PREFIX[check_species(species)]
+        out = np.array([t if t.startswith(prefix) else "" for t in self.tokens], dtype=object)
+        for token, others in self.aliases:
+            own = [a for a in others if a.startswith(prefix)]
+            if own:
+                out[self._index[token]] = own[0]
+        return out
+
     def species_ids(self, species: str) -> np.ndarray:
-        """Token ids of one species' genes."""
-        prefix = ENSEMBL_PREFIX[check_species(species)]  # "ENSMUSG" does not start with "ENSG"
-        return np.array([i for i, t in enumerate(self.tokens) if t.startswith(prefix)], dtype=np.int64)
+        """Token ids of one species' genes (shared tokens count for both species)."""
+        # "ENSMUSG" does not start with "ENSG", so the prefix test separates the species
+        return np.flatnonzero(self.gene_ids(species) != "").astype(np.int64)
 
     def identity(self) -> dict:
         """What a token dataset or checkpoint records to prove which vocabulary made it."""
@@ -114,25 +139,66 @@ class GeneVocab:
         return cls(tuple(tokens), name=name)
 
     def write(self, path: str | Path) -> None:
-        """Write as a TSV (token_id, token), atomically; gzip if the name ends in .gz."""
-        write_text_atomic(path, "token_id\ttoken\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(self.tokens)))
+        """Write as a TSV (token_id, token, and aliases, comma-separated, if any), atomically; gzip if the name ends
+        in .gz."""
+        if not self.aliases:
+            write_text_atomic(path, "token_id\ttoken\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(self.tokens)))
+            return
+        aliases = dict(self.aliases)
+        write_text_atomic(path, "token_id\ttoken\taliases\n" + "".join(
+            f"{i}\t{t}\t{','.join(aliases.get(t, ()))}\n" for i, t in enumerate(self.tokens)))
 
     @classmethod
     def read(cls, path: str | Path, name: str | None = None) -> GeneVocab:
-        frame = pd.read_csv(path, sep="\t", dtype={"token": str})
+        frame = pd.read_csv(path, sep="\t", dtype={"token": str, "aliases": str}, keep_default_na=False)
         if list(frame.columns[:2]) != ["token_id", "token"] or not (frame.token_id.to_numpy() == np.arange(len(frame))).all():
-            raise ValueError(f"{path}: expected a TSV with columns token_id, token and ids 0..n-1 in order")
-        return cls(tuple(frame.token), name=name or Path(path).name.split(".")[0])
+            raise ValueError(f"{path}: expected a TSV with columns token_id, token (, aliases) and ids 0..n-1 in order")
+        aliases = () if "aliases" not in frame else tuple(
+            (t, tuple(a.split(","))) for t, a in zip(frame.token, frame.aliases) if a)
+        return cls(tuple(frame.token), name=name or Path(path).name.split(".")[0], aliases=aliases)
 
 
 def subset_vocab(vocab: GeneVocab, genes) -> GeneVocab:
     """``vocab`` restricted to ``genes`` (and <pad>, <mask>), in its order. A model's output head and its optimiser
     state scale with the vocabulary: the demo atlas uses 8,000 of the unified vocabulary's 82,606 genes."""
     keep = set(genes)
-    tokens = vocab.tokens[:2] + tuple(t for t in vocab.tokens[2:] if t in keep)
+    aliases = dict(vocab.aliases)
+    tokens = vocab.tokens[:2] + tuple(t for t in vocab.tokens[2:] if t in keep or keep.intersection(aliases.get(t, ())))
     if len(tokens) == 2:
         raise ValueError(f"none of the {len(keep):,} genes is in vocabulary {vocab.name!r}")
-    return GeneVocab(tokens, name=f"{vocab.name}-subset{len(tokens) - 2}")
+    return GeneVocab(tokens, name=f"{vocab.name}-subset{len(tokens) - 2}",
+                     aliases=tuple((t, aliases[t]) for t in tokens if t in aliases))
+
+
+VOCAB_MODES = ("union", "orthologs")
+
+
+def orthologs_vocab(vocab: GeneVocab, pairs: pd.DataFrame | None = None) -> GeneVocab:
+    """``vocab`` with every one-to-one ortholog pair of ``pairs`` (columns human_id, mouse_id; default: the bundled
+    Ensembl BioMart table, :func:`orthologs`) whose two genes it holds merged into one token: the human token keeps
+    its id and name, the mouse gene becomes its alias, and the mouse token is removed (the ids after it move up).
+    Genes without a one-to-one partner keep their species' token; gene medians stay per species."""
+    pairs = orthologs() if pairs is None else pairs
+    both = pairs[pairs.human_id.isin(vocab.tokens) & pairs.mouse_id.isin(vocab.tokens)]
+    merged = dict(zip(both.human_id, both.mouse_id))
+    aliases = dict(vocab.aliases)
+    for human, mouse in merged.items():
+        aliases[human] = aliases.get(human, ()) + (mouse,) + aliases.get(mouse, ())
+    gone = set(merged.values())
+    tokens = tuple(t for t in vocab.tokens if t not in gone)
+    return GeneVocab(tokens, name=f"{vocab.name}-orthologs{len(merged)}",
+                     aliases=tuple((t, aliases[t]) for t in tokens if t in aliases))
+
+
+def ortholog_targets(vocab: GeneVocab, species: str, pairs: pd.DataFrame | None = None) -> np.ndarray:
+    """Per token id of ``species``' genes, the id of its one-to-one ortholog's token in the other species (-1: none).
+
+    How a cell is rendered in the other species' tokens (the cross-species contrastive term). In the union vocabulary
+    it maps a mouse token to its human partner's token; in the orthologs one a shared token to itself."""
+    pairs = orthologs() if pairs is None else pairs
+    source, target = ("human_id", "mouse_id") if check_species(species) == "human" else ("mouse_id", "human_id")
+    partner = dict(zip(pairs[source], pairs[target]))
+    return vocab.ids([partner.get(gene, "") for gene in vocab.gene_ids(species)])
 
 
 def unified_vocab(human: GeneVocab, mouse_genes) -> GeneVocab:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from common import ROOT, load_params
 
-from mixgf.baseline import knn_transfer, map_labels, ortholog_transfer
+from mixgf.baseline import counterparts, knn_transfer, ortholog_transfer
 from mixgf.classify import SPLIT_FILE, predict
 from mixgf.embed import embed_cells
 from mixgf.io import atomic_dir, read_json, write_json_atomic
@@ -29,18 +29,6 @@ from mixgf.tokens import load_tokens
 MODELS = ("mixgf", "geneformer", "mouse_geneformer")
 DIRECTIONS = (("mouse", "human"), ("human", "mouse"))
 ORGAN = "Spleen"
-
-
-def counterparts(labels: np.ndarray, table: pd.DataFrame | None, source: str, target: str) -> np.ndarray:
-    """Target-species labels in the source species' names through a table with columns ``mouse`` and ``human``
-    (``None``: the names are shared); labels without a counterpart become None."""
-    if table is None:
-        return labels.astype(object)
-    missing = {"mouse", "human"} - set(table.columns)
-    if missing:
-        raise ValueError(f"params cross_species.correspondence: the table needs columns mouse and human, it lacks "
-                         f"{', '.join(sorted(missing))}")
-    return map_labels(labels, dict(zip(table[target], table[source])))
 
 
 def scored(truth: np.ndarray, predicted: np.ndarray, n_boot: int) -> dict:

@@ -39,6 +39,8 @@ def main(argv=None):
     simcse = params["simcse"] if baseline is None else {"weight": 0.0}
     overrides = {f"simcse_{k}": v for k, v in simcse.items() if k in ("loss", "tau", "weight")}
     overrides |= {k: v for k, v in simcse.items() if k in ("pooling", "gather_negatives")}
+    if baseline is None:
+        overrides |= {f"ortholog_{k}": v for k, v in params["ortholog_contrast"].items()}
     torch.manual_seed(params["seed"])
     model = MixGFForPretraining(PRESETS[params["model"]["preset"]](meta, **overrides, **params["model"]["overrides"]))
     cfg = PretrainConfig(**params["pretrain"], seed=params["seed"])

@@ -175,3 +175,51 @@ def test_map_labels_reads_a_csv(tmp_path):
     path = tmp_path / "correspondence.csv"
     pd.DataFrame({"source": ["NA", "T cell"], "target": ["NA cell", "T"]}).to_csv(path, index=False)
     assert list(map_labels(["NA", "T cell"], path)) == ["NA cell", "T"]  # "NA" is a label, not a missing value
+
+
+def test_with_ensembl_ids_reads_symbols_drops_unknown_genes_and_sums_duplicates():
+    from mixgf.baseline import with_ensembl_ids
+
+    var = pd.DataFrame(index=["CD3E", "not-a-gene", "MS4A1", "CD3E-copy"])
+    var["gene"] = ["CD3E", "not-a-gene", "MS4A1", "CD3E"]
+    adata = ad.AnnData(sp.csr_matrix(np.array([[1, 5, 2, 3], [0, 1, 4, 1]], np.float32)), var=var)
+    out = with_ensembl_ids(adata, "human", gene_column="gene")
+    assert list(out.var_names) == ["ENSG00000156738", "ENSG00000198851"]  # MS4A1, CD3E in id order
+    np.testing.assert_array_equal(out.X.toarray(), [[2, 4], [4, 1]])
+
+
+def test_baseline_cli_predicts_and_scores_through_a_correspondence(spleens, tmp_path, capsys):
+    import json
+
+    from mixgf.cli import main
+
+    mouse, human = spleens["mouse"], spleens["human"]
+    mouse.write_h5ad(tmp_path / "mouse.h5ad")
+    by_symbol = human.copy()  # as many users' files: gene symbols as var_names, the types under other names
+    by_symbol.var_names = by_symbol.var["symbol"].to_numpy()
+    by_symbol.obs["celltype"] = "h-" + human.obs["cell_type"].astype(str)
+    by_symbol.write_h5ad(tmp_path / "human.h5ad")
+    types = sorted(set(human.obs["cell_type"].astype(str)))
+    pd.DataFrame({"mouse": types[1:], "human": ["h-" + t for t in types[1:]]}).to_csv(tmp_path / "corr.csv", index=False)
+    out = tmp_path / "baseline.csv"
+    with pytest.warns(UserWarning, match="no correspondence"):  # the first type has no row in the table
+        assert main(["baseline", str(tmp_path / "mouse.h5ad"), str(tmp_path / "human.h5ad"), "--label", "cell_type",
+                     "--out", str(out), "--target-label", "celltype", "--correspondence", str(tmp_path / "corr.csv")]) == 0
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == ["cell_index", "cell_id", "predicted", "celltype"]
+    from mixgf.baseline import with_ensembl_ids
+
+    direct = ortholog_transfer(mouse, with_ensembl_ids(by_symbol, "human"), "cell_type")
+    np.testing.assert_array_equal(frame.predicted.to_numpy(), direct.predicted)
+    by_ensembl = ortholog_transfer(mouse, human, "cell_type")  # symbols lose a few genes, and so library size
+    assert by_ensembl.n_orthologs - 50 < direct.n_orthologs <= by_ensembl.n_orthologs
+    assert (by_ensembl.predicted == direct.predicted).mean() > 0.9
+    scores = json.loads((tmp_path / "baseline.json").read_text())
+    truth = human.obs["cell_type"].astype(str).to_numpy()
+    counted = truth != types[0]
+    assert scores["n_cells"] == counted.sum() and scores["n_cells_without_counterpart"] == (~counted).sum()
+    assert scores["accuracy"]["estimate"] == pytest.approx((direct.predicted == truth)[counted].mean())
+    assert scores["n_orthologs"] == direct.n_orthologs
+    assert "accuracy " in capsys.readouterr().out
+    assert main(["baseline", str(tmp_path / "mouse.h5ad"), str(tmp_path / "human.h5ad"), "--label", "type",
+                 "--out", str(tmp_path / "x.csv")]) == 2

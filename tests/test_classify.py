@@ -322,3 +322,21 @@ def test_a_checkpoint_without_encoder_weights_is_refused(pretrained, pbmc, tmp_p
     dataset, meta = load_tokens(pbmc[0])
     with pytest.raises(ValueError, match="lacks encoder weights"):
         finetune(broken, dataset, meta, "cell_type", FinetuneConfig(epochs=1), out_dir=tmp_path / "never")
+
+
+def test_predict_cli_scores_cells_of_the_other_species_through_a_correspondence(classifier, pbmc, tmp_path):
+    """The classifier's types named as mouse types in a table: each (human) cell is scored against its counterpart;
+    a type without one is left out and counted."""
+    out = tmp_path / "predictions.csv"
+    types = sorted(classifier.split.labels)
+    pd.DataFrame({"mouse": types[1:], "human": types[1:]}).to_csv(tmp_path / "corr.csv", index=False)
+    with pytest.warns(UserWarning, match="no correspondence"):
+        assert main(["predict", str(classifier.out_dir), str(pbmc[0]), "--out", str(out), "--label", "cell_type",
+                     "--correspondence", str(tmp_path / "corr.csv")]) == 0
+    frame, scores = pd.read_csv(out), json.loads((tmp_path / "predictions.json").read_text())
+    counted = frame[frame.cell_type != types[0]]
+    assert scores["n_cells"] == len(counted) and scores["n_cells_without_counterpart"] == len(frame) - len(counted)
+    assert scores["accuracy"]["estimate"] == pytest.approx((counted.predicted == counted.cell_type).mean())
+    pd.DataFrame({"mouse": types}).to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["predict", str(classifier.out_dir), str(pbmc[0]), "--out", str(out), "--label", "cell_type",
+                 "--correspondence", str(tmp_path / "bad.csv")]) == 2

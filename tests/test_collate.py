@@ -109,3 +109,49 @@ def test_two_processes_take_the_cells_and_masks_of_one_process_with_twice_the_ba
             for key in ("input_ids", "labels"):
                 assert torch.equal(part[key], whole[key][4 * r : 4 * r + 4, :width]), (step, r, key)
     assert not np.array_equal(single.cells(0)[1], single.cells(12)[1])
+
+
+def test_cells_are_rendered_in_the_other_species_tokens_in_rank_order():
+    from mixgf.vocab import orthologs, subset_vocab
+
+    table = orthologs()
+    pairs = table.iloc[:3]
+    alone = [next(t for t in VOCAB.tokens[2:] if t.startswith(p) and t not in set(table[c]))  # no one-to-one partner
+             for p, c in (("ENSMUSG", "mouse_id"), ("ENSG", "human_id"))]
+    vocab = subset_vocab(VOCAB, [*pairs.human_id, *pairs.mouse_id, *alone])
+    h, m = vocab.ids(pairs.human_id), vocab.ids(pairs.mouse_id)
+    mouse_only, human_only = vocab.ids(alone)
+    collate = MLMCollator.for_vocab(vocab, ["human", "mouse"], orthologs=True)
+    batch = collate([[m[2], mouse_only, m[0]], [h[1], human_only, h[0], h[2]], [mouse_only]], [1, 0, 1], [0, 1, 2])
+    assert batch["ortholog_input_ids"].tolist() == [[h[2], h[0], 0], [m[1], m[0], m[2]], [0, 0, 0]]
+    assert batch["ortholog_attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1], [0, 0, 0]]
+    assert "ortholog_input_ids" not in MLMCollator.for_vocab(vocab, ["human"])([[h[0]]], [0], [0])
+
+
+def test_balanced_epochs_hold_as_many_cells_of_each_species_as_the_largest():
+    from mixgf.collate import balanced_rows
+
+    species = np.r_[np.zeros(30, np.int8), np.ones(7, np.int8)]
+    rows = balanced_rows(species, seed=0)
+    counts = np.bincount(rows, minlength=37)
+    assert (species[rows] == 0).sum() == (species[rows] == 1).sum() == 30
+    assert (counts[:30] == 1).all() and sorted(set(counts[30:])) == [4, 5] and counts[30:].sum() == 30
+    assert not np.array_equal(rows, balanced_rows(species, seed=1))
+
+    sequences = cells(37, HUMAN, low=30, high=40)  # long enough that two masks of one cell rarely agree
+
+    class Rows:
+        def __getitem__(self, rows):
+            return {"input_ids": [sequences[r] for r in rows]}
+
+    lengths = np.array([len(s) for s in sequences])
+    batches = PretrainBatches(Rows(), lengths, species, MLMCollator.for_vocab(VOCAB, ["human", "human"]), 6,
+                              megabatch=2, seed=3, balance_species=True)
+    assert len(batches) == 10  # 60 cells an epoch, not 37
+    epoch_rows = np.concatenate([batches.cells(step)[1] for step in range(10)])
+    assert (species[epoch_rows] == 1).sum() == 30 == (species[epoch_rows] == 0).sum()
+    twice = [step for step in range(10) if len(set(batches.cells(step)[1])) < 6]  # a cell drawn twice in a batch
+    for step in twice:  # is masked differently each time
+        rows, labels = batches.cells(step)[1], batches[step]["labels"]
+        first, again = [np.flatnonzero(rows == r) for r in rows if (rows == r).sum() > 1][0][:2]
+        assert not torch.equal(labels[first], labels[again])

@@ -296,3 +296,15 @@ def test_cli_goal_state_end_to_end(small, tmp_path):
     assert list(stats.columns) == STATS_COLUMNS and stats.n_cells.sum() == len(shifts) == 2 * MAX_POSITIONS
     assert stats.symbol.notna().any()  # real genes: Geneformer's symbols
     assert main(["perturb", str(model), str(cells), "--mode", "delete", "--out", str(out), "--start", "B"]) == 2
+
+
+def test_a_shared_ortholog_token_is_named_by_the_cells_species_gene():
+    from mixgf.perturb import _gene_names
+    from mixgf.vocab import orthologs_vocab
+
+    vocab = orthologs_vocab(GeneVocab(("<pad>", "<mask>", "ENSG01", "ENSG02", "ENSMUSG01", "ENSMUSG03")),
+                            pairs=pd.DataFrame({"human_id": ["ENSG01"], "mouse_id": ["ENSMUSG01"]}))
+    assert vocab.tokens == ("<pad>", "<mask>", "ENSG01", "ENSG02", "ENSMUSG03")
+    assert list(_gene_names(vocab, {"species": ["mouse"]})) == ["<pad>", "<mask>", "ENSMUSG01", "ENSG02", "ENSMUSG03"]
+    assert list(_gene_names(vocab, {"species": "human"})) == list(vocab.tokens)
+    assert list(_gene_names(vocab, {"species": ["human", "mouse"]})) == list(vocab.tokens)  # mixed: the token's name

@@ -99,3 +99,55 @@ def test_subset_vocab_keeps_the_union_order_and_the_special_tokens():
         "ENSG00000000005", "ENSG00000000003")  # the vocabulary's order, not sorted
     with pytest.raises(ValueError, match="none of the 1 genes"):
         V.subset_vocab(full, {"not-a-gene"})
+
+
+# the orthologs vocabulary (issue 12): a one-to-one pair shares its human token
+TOY = V.GeneVocab(("<pad>", "<mask>", "ENSG01", "ENSG02", "ENSG03", "ENSMUSG01", "ENSMUSG02", "ENSMUSG09"), name="toy")
+PAIRS = pd.DataFrame({"human_id": ["ENSG01", "ENSG03", "ENSG07"], "mouse_id": ["ENSMUSG01", "ENSMUSG02", "ENSMUSG07"]})
+
+
+def test_orthologs_vocab_merges_each_pair_into_its_human_token():
+    o = V.orthologs_vocab(TOY, PAIRS)
+    assert o.tokens == ("<pad>", "<mask>", "ENSG01", "ENSG02", "ENSG03", "ENSMUSG09")  # human ids unchanged
+    assert o.ids(["ENSG01", "ENSMUSG01", "ENSG03", "ENSMUSG02", "ENSMUSG09", "ENSG07"]).tolist() == [2, 2, 4, 4, 5, -1]
+    assert o.gene_ids("mouse").tolist() == ["", "", "ENSMUSG01", "", "ENSMUSG02", "ENSMUSG09"]
+    assert o.gene_ids("human").tolist() == ["", "", "ENSG01", "ENSG02", "ENSG03", ""]
+    assert o.species_ids("mouse").tolist() == [2, 4, 5] and o.species_ids("human").tolist() == [2, 3, 4]
+    assert o.hash != V.GeneVocab(o.tokens).hash  # the aliases are part of its identity
+
+
+def test_ortholog_targets_render_a_cell_in_the_other_species_tokens():
+    # union: a mouse token maps to its human partner's token; genes without a one-to-one partner map nowhere
+    assert V.ortholog_targets(TOY, "mouse", PAIRS).tolist() == [-1, -1, -1, -1, -1, 2, 4, -1]
+    assert V.ortholog_targets(TOY, "human", PAIRS).tolist() == [-1, -1, 5, -1, 6, -1, -1, -1]
+    # orthologs: a shared token is its own partner
+    o = V.orthologs_vocab(TOY, PAIRS)
+    assert V.ortholog_targets(o, "mouse", PAIRS).tolist() == [-1, -1, 2, -1, 4, -1]
+    assert V.ortholog_targets(o, "human", PAIRS).tolist() == [-1, -1, 2, -1, 4, -1]
+
+
+def test_orthologs_vocab_round_trips_and_subsets_by_any_of_its_genes(tmp_path):
+    o = V.orthologs_vocab(TOY, PAIRS)
+    o.write(tmp_path / "o.tsv")
+    assert (tmp_path / "o.tsv").read_text().splitlines()[:4] == ["token_id\ttoken\taliases", "0\t<pad>\t", "1\t<mask>\t",
+                                                                  "2\tENSG01\tENSMUSG01"]
+    back = V.GeneVocab.read(tmp_path / "o.tsv")
+    assert back == o and back.hash == o.hash
+    sub = V.subset_vocab(o, ["ENSMUSG02", "ENSG02"])  # a shared token is kept for either of its genes
+    assert sub.tokens == ("<pad>", "<mask>", "ENSG02", "ENSG03") and sub.ids(["ENSMUSG02"]).tolist() == [3]
+
+
+def test_bundled_orthologs_vocab_shares_every_one_to_one_pair():
+    union, o = V.default_vocab(), V.orthologs_vocab(V.default_vocab())
+    pairs = V.orthologs()
+    pairs = pairs[pairs.human_id.isin(union.tokens)]  # 729 of the 17,122 human genes are not in Geneformer V1's
+    assert len(union) - len(o) == len(pairs) == 16_393
+    assert o.tokens[: len(V.geneformer_v1_vocab())] == V.geneformer_v1_vocab().tokens  # Genecorpus-30M ids stand
+    assert (o.ids(pairs.mouse_id) == o.ids(pairs.human_id)).all()
+
+
+def test_an_alias_must_name_a_token_and_a_gene_appears_once():
+    with pytest.raises(ValueError, match="not one of its tokens"):
+        V.GeneVocab(("<pad>", "<mask>", "ENSG01"), aliases=(("ENSG09", ("ENSMUSG01",)),))
+    with pytest.raises(ValueError, match="more than once"):
+        V.GeneVocab(("<pad>", "<mask>", "ENSG01", "ENSMUSG01"), aliases=(("ENSG01", ("ENSMUSG01",)),))
