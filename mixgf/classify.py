@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from mixgf.collate import length_grouped_batches, pad_batch
+from mixgf.checkpoint import (VOCAB_FILE, default_device, length_limit, model_vocab, token_column, warn_truncation,
+                              with_identity)
 from mixgf.io import atomic_dir, write_json_atomic
-from mixgf.model import check_token_dataset
 from mixgf.pretrain import configure_optimizer, lr_at
 from mixgf.stats import accuracy, macro_f1
 from mixgf.vocab import GeneVocab
 
-VOCAB_FILE = "vocab.tsv"
 SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.json"
 TOKEN_COLUMNS = ("input_ids", "length")  # every other column of a token dataset is an obs column
@@ -192,10 +192,6 @@ class FinetuneResult:
     out_dir: Path
 
 
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _autocast(device: torch.device, dtype: str):
     if device.type == "cpu" or dtype == "float32":
         return nullcontext()
@@ -203,45 +199,10 @@ def _autocast(device: torch.device, dtype: str):
 
 
 def _read_config(model_dir: Path, vocab: GeneVocab | None):
-    """The model's config with the identity attributes check_token_dataset reads (``None`` where it records none);
-    ``vocab`` stands in for a checkpoint that records no vocabulary (Geneformer V1)."""
+    """The model's transformers config (fine-tuning edits and saves it) with the identity attributes the checks read."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
-    for name in ("vocab", "medians", "max_len"):
-        if not hasattr(config, name):
-            setattr(config, name, None)
-    if config.vocab is None and vocab is not None:
-        if len(vocab) != config.vocab_size:
-            raise ValueError(f"{model_dir}: the model has {config.vocab_size} tokens but vocabulary {vocab.name!r} "
-                             f"has {len(vocab)}; name the vocabulary the checkpoint was trained with")
-        config.vocab = vocab.identity()
-    return config
-
-
-def _length_limit(config, meta: dict, source: str) -> int:
-    """Check the tokens against the model and return how many top-ranked genes of a cell the model takes.
-
-    A cell tokenized with a larger ``max_len`` than the model's, cut to its top genes, is exactly the cell tokenized
-    with the model's (rank-value encoding keeps a prefix), so the check sees the dataset as it will be fed.
-    """
-    limit = config.max_len or config.max_position_embeddings
-    check_token_dataset(config, {**meta, "max_len": min(meta["max_len"], limit)}, source)
-    return limit
-
-
-def _warn_truncation(lengths: np.ndarray, limit: int) -> None:
-    long = int((lengths > limit).sum())
-    if long:
-        warnings.warn(f"{long:,} of {len(lengths):,} cells hold more than {limit} genes; they are cut to their "
-                      f"{limit} top-ranked genes", stacklevel=3)
-
-
-def _column(dataset, name: str) -> np.ndarray:
-    if name not in dataset.column_names:
-        raise ValueError(f"the token dataset has no column {name!r}; its columns are {dataset.column_names}. "
-                         "Tokenize with --obs-keys naming it")
-    return np.asarray(dataset.select_columns([name]).to_pandas()[name])
+    return with_identity(AutoConfig.from_pretrained(model_dir), model_dir, vocab)
 
 
 class _Cells:
@@ -249,7 +210,7 @@ class _Cells:
 
     def __init__(self, dataset, limit: int, positions: int, pad_to_multiple_of: int, device: torch.device):
         self.tokens = dataset.select_columns(["input_ids"]).with_format("numpy")
-        self.lengths = np.minimum(_column(dataset, "length"), limit)
+        self.lengths = np.minimum(token_column(dataset, "length"), limit)
         self.limit, self.positions, self.multiple, self.device = limit, positions, pad_to_multiple_of, device
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,13 +284,13 @@ def finetune(pretrained_dir, dataset, meta: dict, label: str, cfg: FinetuneConfi
     cfg = cfg or FinetuneConfig()
     pretrained_dir = Path(pretrained_dir)
     config = _read_config(pretrained_dir, vocab)
-    limit = _length_limit(config, meta, source)
+    limit = length_limit(config, meta, source)
     if cfg.max_len is not None:
         limit = min(limit, cfg.max_len)
-    gene_vocab = _model_vocab(pretrained_dir, config, vocab)
-    split = split_cells(_column(dataset, label), min_fraction=cfg.min_fraction, test_fraction=cfg.test_fraction,
+    gene_vocab = model_vocab(pretrained_dir, config, vocab)
+    split = split_cells(token_column(dataset, label), min_fraction=cfg.min_fraction, test_fraction=cfg.test_fraction,
                         val_fraction=cfg.val_fraction, seed=cfg.seed)
-    names = _column(dataset, label).astype(str)
+    names = token_column(dataset, label).astype(str)
     label_of = {name: i for i, name in enumerate(split.labels)}
     targets = np.array([label_of.get(name, -1) for name in names])
 
@@ -340,12 +301,12 @@ def finetune(pretrained_dir, dataset, meta: dict, label: str, cfg: FinetuneConfi
     torch.manual_seed(cfg.seed)
     model = _load_classifier(pretrained_dir, config, random_init)
 
-    device = _device()
+    device = default_device()
     model.to(device)
     autocast = _autocast(device, cfg.dtype)
     cells = _Cells(dataset, limit, config.max_position_embeddings, cfg.pad_to_multiple_of, device)
     used = np.concatenate([split.train, split.val, split.test])
-    _warn_truncation(_column(dataset, "length")[used], limit)
+    warn_truncation(token_column(dataset, "length")[used], limit)
 
     steps_per_epoch = len(_epoch_batches(cells.lengths[split.train], cfg, 0))
     total = cfg.epochs * steps_per_epoch
@@ -417,19 +378,6 @@ def finetune(pretrained_dir, dataset, meta: dict, label: str, cfg: FinetuneConfi
                               best_test if best_test is not None else np.empty(0, np.int64)], out_dir=out_dir)
 
 
-def _model_vocab(model_dir: Path, config, vocab: GeneVocab | None) -> GeneVocab:
-    """The vocabulary saved with the classifier: the model directory's ``vocab.tsv``, else ``vocab``; it must be the
-    one the config records."""
-    path = model_dir / VOCAB_FILE
-    found = GeneVocab.read(path, name=config.vocab["name"]) if path.exists() else vocab
-    if found is None:
-        raise FileNotFoundError(f"{model_dir} has no {VOCAB_FILE}; name the checkpoint's vocabulary (--vocab)")
-    if found.hash != config.vocab["hash"]:
-        raise ValueError(f"{path if path.exists() else found.name}: vocabulary hash {found.hash} differs from the "
-                         f"{config.vocab['hash']} the model's config records")
-    return found
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # prediction
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,10 +397,10 @@ def predict(classifier_dir, dataset, meta: dict, *, batch_size: int = 64, dtype:
 
     classifier_dir = Path(classifier_dir)
     config = _read_config(classifier_dir, vocab)
-    limit = _length_limit(config, meta, source)
-    _warn_truncation(_column(dataset, "length"), limit)
+    limit = length_limit(config, meta, source)
+    warn_truncation(token_column(dataset, "length"), limit)
     model = AutoModelForSequenceClassification.from_pretrained(classifier_dir, config=config, dtype=torch.float32)
-    device = _device()
+    device = default_device()
     model.to(device)
     cells = _Cells(dataset, limit, config.max_position_embeddings, 8, device)
     probs = _probabilities(model, cells, np.arange(len(dataset)), batch_size, _autocast(device, dtype))

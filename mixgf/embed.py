@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixgf.classify import VOCAB_FILE, _autocast, _Cells, _device, _length_limit, _read_config, _warn_truncation
-from mixgf.encoder import load_encoder
-from mixgf.model import mean_pool
+from mixgf.checkpoint import VOCAB_FILE, default_device, length_limit, read_config, warn_truncation
+from mixgf.classify import _autocast, _Cells
+from mixgf.encoder import load_encoder, mean_pool
 from mixgf.vocab import GeneVocab
 
 
@@ -30,10 +30,10 @@ def embed_cells(model_dir, dataset, meta: dict, *, layer: int = 0, batch_size: i
     (:class:`mixgf.encoder.Encoder`); bf16 autocast on a GPU (``dtype``).
     """
     model_dir = Path(model_dir)
-    config = _read_config(model_dir, vocab)
-    limit = _length_limit(config, meta, source)
-    _warn_truncation(np.asarray(dataset.select_columns(["length"]).to_pandas()["length"]), limit)
-    device = _device()
+    config = read_config(model_dir, vocab)
+    limit = length_limit(config, meta, source)
+    warn_truncation(np.asarray(dataset.select_columns(["length"]).to_pandas()["length"]), limit)
+    device = default_device()
     encoder = load_encoder(model_dir, config, layer, device)
     # tensor-core shapes on a GPU; on a CPU no padding beyond the batch's longest cell, so most batches need no mask
     cells = _Cells(dataset, limit, config.max_position_embeddings, 8 if device.type == "cuda" else 1, device)
@@ -63,7 +63,7 @@ def embed_anndata(adata, model_dir, *, species: str, layer: int = 0, batch_size:
 
     adata = adata.copy() if copy else adata
     model_dir = Path(model_dir)
-    config = _read_config(model_dir, None)
+    config = read_config(model_dir, None)
     vocab = GeneVocab.read(model_dir / VOCAB_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cells.h5ad"

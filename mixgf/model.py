@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.bert.modeling_bert import BertModel, BertOnlyMLMHead, BertPreTrainedModel
 from transformers.utils import ModelOutput
 
+from mixgf.encoder import mean_pool
 from mixgf.simcse import LOSSES, at_least_float32, diagnostics, simcse_loss
 
 IGNORE_INDEX = -100  # label of positions that carry no MLM target (torch's cross-entropy default)
@@ -141,47 +142,6 @@ def demo_config(meta: dict, **overrides) -> MixGFConfig:
 
 
 PRESETS = {"paper": paper_config, "demo": demo_config}
-
-
-def check_token_dataset(config: MixGFConfig, meta: dict, source: str = "the token dataset") -> None:
-    """Raise ``ValueError`` unless a token dataset (its metadata ``meta``) was made with the model's vocabulary,
-    gene medians and maximum length; ``source`` names the dataset in the message."""
-    vocab = meta["vocab"]
-    if config.vocab is None:
-        raise ValueError(
-            f"the model records no vocabulary, so {source} (vocabulary {vocab['name']!r}) cannot be checked against it; "
-            "if the checkpoint was trained on that vocabulary, set model.config.vocab = vocab.identity()"
-        )
-    if (vocab["hash"], vocab["size"]) != (config.vocab["hash"], config.vocab["size"]):
-        raise ValueError(
-            f"{source} was tokenized with vocabulary {vocab['name']!r} ({vocab['size']} tokens, hash {vocab['hash']}) "
-            f"but the model uses {config.vocab['name']!r} ({config.vocab['size']} tokens, hash {config.vocab['hash']}); "
-            "tokenize the cells with the model's vocabulary"
-        )
-    for species, medians in (meta.get("medians") or {}).items():
-        trained = (config.medians or {}).get(species)
-        if trained is not None and medians is not None and medians["hash"] != trained["hash"]:
-            raise ValueError(
-                f"{source} normalized its {species} cells with gene medians {medians['name']!r} ({medians['hash']}) "
-                f"but the model was trained with {trained['name']!r} ({trained['hash']}); tokenize the cells with "
-                "the model's medians"
-            )
-    if meta["max_len"] > config.max_position_embeddings:
-        raise ValueError(
-            f"{source} keeps up to {meta['max_len']} genes per cell but the model has {config.max_position_embeddings} "
-            "positions; tokenize with a smaller max_len"
-        )
-    if config.max_len is not None and meta["max_len"] != config.max_len:
-        raise ValueError(
-            f"{source} keeps up to {meta['max_len']} genes per cell but the model was trained on up to {config.max_len}; "
-            f"tokenize with max_len={config.max_len}"
-        )
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden`` (N, L, H) over the positions where ``attention_mask`` (N, L) is 1: a cell's gene average."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 @dataclass

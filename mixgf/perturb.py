@@ -38,9 +38,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from mixgf.classify import _column, _device, _length_limit, _model_vocab, _read_config, _warn_truncation
-from mixgf.encoder import Encoder, load_encoder
-from mixgf.model import mean_pool
+from mixgf.checkpoint import default_device, length_limit, model_vocab, read_config, token_column, warn_truncation
+from mixgf.encoder import Encoder, load_encoder, mean_pool
 from mixgf.vocab import SPECIES, GeneVocab
 
 MODES = ("delete", "overexpress")
@@ -180,7 +179,7 @@ def _run(encoder: Encoder, cells, rows: np.ndarray, mode: str, genes: np.ndarray
     cosine_shift). Cells go longest first in chunks of about ``chunk_tokens`` perturbed tokens, so memory stays
     bounded on any number of cells."""
     tokens = cells.select_columns(["input_ids"]).with_format("numpy")
-    lengths = np.minimum(_column(cells, "length")[rows], limit)
+    lengths = np.minimum(token_column(cells, "length")[rows], limit)
     rows = rows[np.argsort(-lengths, kind="stable")]
     lengths = np.sort(lengths)[::-1]
     out = {"cell": [], "position": [], "gene": [], "value": []}
@@ -246,11 +245,11 @@ def _setup(model_dir, dataset, meta: dict, *, mode: str, genes, emb_layer: int, 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     model_dir = Path(model_dir)
-    config = _read_config(model_dir, vocab)
+    config = read_config(model_dir, vocab)
     positions = config.max_len or config.max_position_embeddings
-    limit = _length_limit(config, {**meta, "max_len": meta["max_len"] or positions}, source)
-    _warn_truncation(_column(dataset, "length"), limit)
-    gene_vocab = _model_vocab(model_dir, config, vocab)
+    limit = length_limit(config, {**meta, "max_len": meta["max_len"] or positions}, source)
+    warn_truncation(token_column(dataset, "length"), limit)
+    gene_vocab = model_vocab(model_dir, config, vocab)
     if isinstance(genes, str):
         if genes != "all":
             raise ValueError(f"genes must be 'all' or a list of Ensembl ids, got {genes!r}")
@@ -261,7 +260,7 @@ def _setup(model_dir, dataset, meta: dict, *, mode: str, genes, emb_layer: int, 
         if unknown:
             raise ValueError(f"genes {unknown[:5]} are not genes of the model's vocabulary {gene_vocab.name!r}")
         wanted = np.unique(wanted)
-    device = torch.device(device) if device is not None else _device()
+    device = torch.device(device) if device is not None else default_device()
     return _Setup(load_encoder(model_dir, config, emb_layer, device), _gene_names(gene_vocab, meta), limit, wanted)
 
 
@@ -274,7 +273,7 @@ def _sample(rows: np.ndarray, max_cells: int | None) -> np.ndarray:
 
 
 def perturb(model_dir, dataset, meta: dict, *, mode: str = "delete", genes="all", emb_layer: int = 0,
-            max_cells: int | None = None, batch_size: int = 256, vocab: GeneVocab | None = None, device=None,
+            max_cells: int | None = None, batch_size: int = 64, vocab: GeneVocab | None = None, device=None,
             source: str = "the token dataset") -> pd.DataFrame:
     """Goal-free in silico perturbation: one row per (cell, perturbed gene), as Geneformer's
     ``InSilicoPerturber(emb_mode="cell", cell_states_to_model=None)``.
@@ -305,7 +304,7 @@ def perturb(model_dir, dataset, meta: dict, *, mode: str = "delete", genes="all"
 
 
 def perturb_to_goal(model_dir, dataset, meta: dict, *, state_key: str, start, goal, mode: str = "delete",
-                    genes="all", emb_layer: int = 0, max_cells: int | None = None, batch_size: int = 256,
+                    genes="all", emb_layer: int = 0, max_cells: int | None = None, batch_size: int = 64,
                     vocab: GeneVocab | None = None, device=None, source: str = "the token dataset") -> pd.DataFrame:
     """The paper's perturbation toward a goal state (SPEC §7): perturb the cells whose ``state_key`` column equals
     ``start`` (values compared as strings) and measure how far each perturbation moves them toward ``goal``.
@@ -318,7 +317,7 @@ def perturb_to_goal(model_dir, dataset, meta: dict, *, state_key: str, start, go
 
     Returns ``cell_index``, ``ensembl_id``, ``cosine_shift``, sorted by cell; feed it to :func:`gene_stats`.
     """
-    states = _column(dataset, state_key).astype(str)
+    states = token_column(dataset, state_key).astype(str)
     start_rows, goal_rows = np.flatnonzero(states == str(start)), np.flatnonzero(states == str(goal))
     for name, value, found in (("start", start, start_rows), ("goal", goal, goal_rows)):
         if len(found) == 0:
@@ -339,7 +338,7 @@ def perturb_to_goal(model_dir, dataset, meta: dict, *, state_key: str, start, go
 def goal_embedding(encoder: Encoder, dataset, rows: np.ndarray, limit: int, batch_size: int) -> torch.Tensor:
     """The mean over the cells ``rows`` of their embeddings (gene means at the encoder's layer)."""
     tokens = dataset.select_columns(["input_ids"]).with_format("numpy")
-    total = torch.zeros(encoder.bert.config.hidden_size, dtype=torch.float64, device=encoder.device)
+    total = torch.zeros(encoder.width, dtype=torch.float64, device=encoder.device)
     for start in range(0, len(rows), batch_size):
         ids, mask = _padded([np.asarray(c[:limit], np.int64) for c in
                              tokens[rows[start : start + batch_size].tolist()]["input_ids"]], encoder.device)

@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 
 from mixgf.collate import MLMCollator, PretrainBatches
 from mixgf.io import atomic_dir
-from mixgf.model import IGNORE_INDEX, MixGFForPretraining, check_token_dataset
+from mixgf.checkpoint import VOCAB_FILE, check_token_dataset
+from mixgf.model import IGNORE_INDEX, MixGFForPretraining
 from mixgf.vocab import GeneVocab
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_DIR = "model"
-VOCAB_FILE = "vocab.tsv"
 
 
 @dataclass
@@ -320,7 +320,7 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
         in ``meta["species"]``).
     meta
         The dataset's metadata ``{"vocab", "medians", "max_len"}``; it must match the model's config
-        (:func:`~mixgf.model.check_token_dataset`).
+        (:func:`~mixgf.checkpoint.check_token_dataset`).
     cfg
         Optimisation settings.
     out_dir

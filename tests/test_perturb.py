@@ -15,6 +15,7 @@ from statsmodels.stats.multitest import multipletests
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from mixgf.cli import main
+from mixgf.checkpoint import read_config, read_weights
 from mixgf.encoder import Encoder
 from mixgf.perturb import (ABSENT, PERTURB_COLUMNS, SHIFT_COLUMNS, STATS_COLUMNS, gene_stats, load_cells,
                            perturb, perturb_to_goal, perturbed_blocks)
@@ -208,7 +209,7 @@ def test_padding_in_packed_batches_changes_nothing(small):
     np.testing.assert_allclose(packed.cos_sim, one_by_one.cos_sim, atol=1e-6)
 
     bert = BertModel.from_pretrained(model, add_pooling_layer=False).eval()
-    encoder = Encoder(bert, 2, torch.device("cpu"))
+    encoder = Encoder(read_weights(model), read_config(model), 2, torch.device("cpu"))
     ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
     padded = encoder(ids, (ids != 0).long())
     np.testing.assert_allclose(padded[1, :3], encoder(ids[1:, :3], torch.ones(1, 3, dtype=torch.long))[0], atol=1e-6)

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=50)
     parser.add_argument("--ref-cells", type=int, default=10)
     parser.add_argument("--mode", default="delete", choices=["delete", "overexpress"])
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

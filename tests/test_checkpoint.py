@@ -1,0 +1,52 @@
+"""mixgf.checkpoint and mixgf.encoder: a saved BERT read without transformers' model classes equals BertModel."""
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from mixgf.checkpoint import read_config, read_weights
+from mixgf.encoder import load_encoder
+from mixgf.vocab import GeneVocab
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])
+def test_an_old_style_checkpoint_encodes_as_bert_model_does(tmp_path, act):
+    """pytorch_model.bin with a ``bert.`` prefix and LayerNorm gamma / beta (as old Geneformer files): every layer's
+    hidden states equal BertModel's, padding masked."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=20, hidden_act=act,
+                        initializer_range=0.3)  # activations of order 1, where the forms of gelu differ
+    model = BertForMaskedLM(config).eval()
+    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    assert not (tmp_path / "model.safetensors").exists()
+    assert all(not k.startswith(("bert.", "cls.")) and "gamma" not in k for k in read_weights(tmp_path))
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        expected = model.bert(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for layer in (0, -1, -3):
+        got = load_encoder(tmp_path, read_config(tmp_path), layer, torch.device("cpu"))(ids, mask)
+        torch.testing.assert_close(got[mask.bool()], expected[3 + layer][mask.bool()], atol=2e-6, rtol=1e-5)
+
+
+def test_config_identity_and_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 3, "num_hidden_layers": 1}))
+    config = read_config(tmp_path)
+    assert (config.vocab, config.medians, config.max_len, config.layer_norm_eps) == (None, None, None, 1e-12)
+    vocab = GeneVocab(("<pad>", "<mask>", "ENSG01"))
+    assert read_config(tmp_path, vocab).vocab == vocab.identity()
+    with pytest.raises(ValueError, match="the model has 3 tokens but vocabulary"):
+        read_config(tmp_path, GeneVocab(("<pad>", "<mask>")))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
+        read_weights(tmp_path)
+    with pytest.raises(ValueError, match="emb_layer must be in"):
+        load_encoder(tmp_path, config, -2, torch.device("cpu"))
