@@ -134,7 +134,7 @@ def _predict(args) -> None:
 
     from mixgf.classify import predict
     from mixgf.io import write_text_atomic
-    from mixgf.tokens import load_tokens
+    from mixgf.tokens import cells_species, load_tokens
     from mixgf.vocab import load_vocab
 
     dataset, meta = load_tokens(args.tokens)
@@ -148,10 +148,10 @@ def _predict(args) -> None:
         return
     truth = frame[args.label].astype(str).to_numpy()
     if args.correspondence:
-        species = meta.get("species")
-        species = species[0] if isinstance(species, list) and len(species) == 1 else species
-        if species not in ("mouse", "human"):
-            raise ValueError(f"{args.tokens}: --correspondence needs cells of one species, the tokens record {species!r}")
+        species = cells_species(meta)
+        if species is None:
+            raise ValueError(f"{args.tokens}: --correspondence needs cells of one species, the tokens record "
+                             f"{meta.get('species')!r}")
         truth = _counterparts(truth, args.correspondence, "human" if species == "mouse" else "mouse", species)
     known = list(AutoConfig.from_pretrained(args.classifier).label2id)  # a cell of another type is always wrong
     unknown = ~pd.Series(truth).isin(known) & pd.Series(truth).notna()
@@ -204,15 +204,14 @@ def _baseline(args) -> None:
 
     from mixgf.baseline import ortholog_transfer, with_ensembl_ids
     from mixgf.io import write_text_atomic
+    from mixgf.readers import count_matrix
 
     data = {}
     for role, path, species, column in (("source", args.source, args.source_species, args.source_gene_column),
                                         ("target", args.target, args.target_species, args.target_gene_column)):
         adata = ad.read_h5ad(path)
-        if args.counts == "raw":
-            adata = adata.raw.to_adata()
-        elif args.counts != "X":
-            adata = ad.AnnData(adata.layers[args.counts], obs=adata.obs, var=adata.var)
+        matrix, var = count_matrix(adata, args.counts, str(path))
+        adata = ad.AnnData(matrix, obs=adata.obs, var=var)
         data[role] = with_ensembl_ids(adata, species, gene_column=column, name=str(path))
     if args.label not in data["source"].obs:
         raise ValueError(f"{args.source}: obs has no column {args.label!r}; columns: {', '.join(data['source'].obs)}")
@@ -454,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genes", default="all", help="'all' (every gene of every cell) or Ensembl ids, comma-separated")
     p.add_argument("--emb-layer", type=int, default=0, help="0: last layer, -1: the one before (Geneformer's emb_layer)")
     p.add_argument("--max-cells", type=int, help="perturb a seed-42 sample of this many cells (Geneformer's max_ncells)")
-    p.add_argument("--batch-size", type=int, default=64, help="perturbed cells per forward pass (64 is fastest on CPU; raise it on a GPU)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="perturbed cells per forward pass (64 is fastest on CPU; raise it on a GPU)")
     p.add_argument("--vocab", help="vocabulary of a model whose config records none (geneformer-v1 or a file)")
     p.add_argument("--device", help="torch device (default: the GPU if there is one)")
     p.add_argument("--state-key", help="obs column of cell states: perturb --start cells toward --goal cells")

@@ -149,7 +149,8 @@ class PretrainBatches(torch.utils.data.Dataset):
         self.tokens, self.lengths, self.species, self.collate = tokens, np.asarray(lengths), np.asarray(species), collate
         self.batch_size, self.megabatch, self.seed, self.rank, self.world_size = batch_size, megabatch, seed, rank, world_size
         self.balance_species = balance_species
-        self.epoch_size = len(self._epoch_rows(0))
+        counts = np.unique(self.species, return_counts=True)[1]
+        self.epoch_size = len(counts) * int(counts.max()) if balance_species else len(self.lengths)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.lengths)} cells make no batch of {batch_size} for each of {world_size} "
                              "processes; lower the batch size or use more cells")

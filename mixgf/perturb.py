@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from mixgf.checkpoint import default_device, length_limit, model_vocab, read_config, token_column, warn_truncation
 from mixgf.encoder import Encoder, load_encoder, mean_pool
-from mixgf.vocab import SPECIES, GeneVocab
+from mixgf.tokens import cells_species
+from mixgf.vocab import GeneVocab
 
 MODES = ("delete", "overexpress")
 NULLS = ("pooled", "random")
@@ -231,10 +232,9 @@ class _Setup:
 def _gene_names(vocab: GeneVocab, meta: dict) -> np.ndarray:
     """Per token id, its Ensembl id in the cells' species (a token shared by orthologs reads as the mouse gene in
     mouse cells), else the token itself (cells of several or unknown species)."""
-    species = meta.get("species")
-    species = species[0] if isinstance(species, list) and len(species) == 1 else species
+    species = cells_species(meta)
     tokens = np.asarray(vocab.tokens, dtype=object)
-    if species not in SPECIES:
+    if species is None:
         return tokens
     names = vocab.gene_ids(species)
     return np.where(names != "", names, tokens)

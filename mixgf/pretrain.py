@@ -51,8 +51,9 @@ class PretrainConfig:
 
     ``batch_size`` is per process. ``max_steps``, when set, replaces ``epochs`` as the length of the run (and of the
     cosine schedule). ``balance_species`` (ours) makes every epoch hold as many cells of each species as of the largest
-    (:func:`mixgf.collate.balanced_rows`; the paper's corpus is 44% mouse). ``grad_clip`` 1.0 is the Hugging Face Trainer's default, which the authors used. ``dtype`` is
-    the autocast dtype on GPUs ("bfloat16" or "float32"); CPU always runs in float32.
+    (:func:`mixgf.collate.balanced_rows`; the paper's corpus is 44% mouse). ``grad_clip`` 1.0 is the Hugging Face
+    Trainer's default, which the authors used. ``dtype`` is the autocast dtype on GPUs ("bfloat16" or "float32"); CPU
+    always runs in float32.
 
     The last four fields (:data:`RUNTIME_FIELDS`) change how a run is watched and fed, not what it computes: a
     checkpoint resumes when only they differ. ``num_workers`` are DataLoader processes building batches;
@@ -336,10 +337,10 @@ def pretrain(model: MixGFForPretraining, dataset: Dataset, meta: dict, cfg: Pret
         Where the final model goes (default ``out_dir/model``), e.g. apart from a checkpoint folder that persists.
     log_dir
         dvclive directory for loss, loss_mlm, loss_simcse, the SimCSE diagnostics (mean cosine of positive and of
-        negative pairs, contrastive accuracy), loss_ortholog and its diagnostics (ortholog_*), grad_norm (before clipping), lr and tokens_per_s (non-pad tokens
-        over all ranks); ``None`` logs nothing. Values are averages over the ``log_every`` steps before each logged
-        step. Note that dvclive runs ``dvc init`` at the git root when the working directory is in a git
-        repository without DVC.
+        negative pairs, contrastive accuracy), loss_ortholog and its diagnostics (ortholog_*), grad_norm (before
+        clipping), lr and tokens_per_s (non-pad tokens over all ranks); ``None`` logs nothing. Values are averages over
+        the ``log_every`` steps before each logged step. Note that dvclive runs ``dvc init`` at the git root when the
+        working directory is in a git repository without DVC.
 
     Returns
     -------

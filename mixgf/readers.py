@@ -87,17 +87,21 @@ def open_cells(source: str | Path | AnnData, *, counts: str = "X") -> CellFile:
     raise InputError(f"{path}: unknown format; give an .h5ad, a .loom, a 10x matrix folder or a 10x .h5 file")
 
 
-def _from_anndata(adata: AnnData, name: str, counts: str) -> CellFile:
+def count_matrix(adata: AnnData, counts: str, name: str):
+    """The matrix ``counts`` names (``"X"``, ``"raw"`` or a layer) of an in-memory AnnData, with its var."""
     if counts == "raw":
         if adata.raw is None:
             raise InputError(f"{name}: has no .raw; choose --counts X or a layer ({', '.join(adata.layers) or 'none'})")
-        matrix, var = adata.raw.X, adata.raw.var
-    elif counts == "X":
-        matrix, var = adata.X, adata.var
-    elif counts in adata.layers:
-        matrix, var = adata.layers[counts], adata.var
-    else:
-        raise InputError(f"{name}: has no layer {counts!r}; layers are: {', '.join(adata.layers) or 'none'}")
+        return adata.raw.X, adata.raw.var
+    if counts == "X":
+        return adata.X, adata.var
+    if counts in adata.layers:
+        return adata.layers[counts], adata.var
+    raise InputError(f"{name}: has no layer {counts!r}; layers are: {', '.join(adata.layers) or 'none'}")
+
+
+def _from_anndata(adata: AnnData, name: str, counts: str) -> CellFile:
+    matrix, var = count_matrix(adata, counts, name)
     if sp.issparse(matrix) and not sp.isspmatrix_csr(matrix):
         matrix = sp.csr_matrix(matrix)
     return CellFile(name, adata.obs, _with_index(var), lambda a, b: matrix[a:b])

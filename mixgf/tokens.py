@@ -17,6 +17,7 @@ import pyarrow as pa
 import xxhash
 
 from mixgf.io import read_json, write_json_atomic
+from mixgf.vocab import SPECIES
 
 METADATA_FILE = "mixgf_tokens.json"
 
@@ -109,6 +110,15 @@ def load_tokens(path: str | Path):
         raise FileNotFoundError(f"{path}: not a mixgf token dataset (no {METADATA_FILE}); make it with "
                                 "`mixgf tokenize` (or `dvc repro` for the pipeline's corpora)")
     return load_from_disk(str(path)), read_json(path / METADATA_FILE)
+
+
+def cells_species(meta: dict) -> str | None:
+    """The one species of a token dataset's cells (``meta["species"]``: a name or a list of them), or ``None`` when
+    they hold several or do not say (a merged corpus, a Geneformer-format dataset)."""
+    species = meta.get("species")
+    if isinstance(species, list):
+        species = species[0] if len(species) == 1 else None
+    return species if species in SPECIES else None
 
 
 def write_rows(dataset, indices, out_dir: str | Path, metadata: dict, batch_size: int = 10_000) -> int:

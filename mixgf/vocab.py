@@ -3,11 +3,11 @@
 The unified Mix-Geneformer vocabulary is one flat list of tokens: ``<pad>`` = 0, ``<mask>`` = 1, the
 Geneformer V1 (gc30M) human Ensembl genes with their original ids 2..25,425, then mouse Ensembl genes in
 ascending id order. Keeping the V1 ids unchanged keeps Genecorpus-30M and Geneformer V1 checkpoints usable
-as they are. That is the paper's ``union`` vocabulary, where a mouse gene and its human ortholog are unrelated
-tokens; :func:`orthologs_vocab` makes the ``orthologs`` one, where a one-to-one pair shares its human token (the mouse
-gene becomes an alias of it) and every other gene keeps its own. Everything here is read from plain-text TSV files bundled in ``mixgf/resources`` (built by
-``python -m mixgf.resources.build``); legacy Geneformer pickles are read only through
-:func:`load_pickle_dict`, which refuses anything but a plain ``dict`` of ``str`` to numbers or strings.
+as they are. That is the paper's ``union`` vocabulary, where a mouse gene and its human ortholog are unrelated tokens;
+:func:`orthologs_vocab` makes the ``orthologs`` one, where a one-to-one pair shares its human token (the mouse gene
+becomes an alias of it) and every other gene keeps its own. Everything here is read from plain-text TSV files
+bundled in ``mixgf/resources`` (built by ``python -m mixgf.resources.build``); legacy Geneformer pickles are read
+only through :func:`load_pickle_dict`, which refuses anything but a plain ``dict`` of ``str`` to numbers or strings.
 """
 
 from __future__ import annotations

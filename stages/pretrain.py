@@ -2,8 +2,9 @@
 
 The checkpoint folder persists across `dvc repro` (declared `persist: true`), so a killed run resumes where it
 stopped — but only if the checkpoint belongs to exactly this run (same model, settings and corpus); otherwise the
-stage says what differs and starts over. Logging, saving and worker settings do not count: changing them reruns
-the stage, which finds its checkpoint complete and only writes the model again. A baseline can instead be taken from an existing checkpoint (params baselines.<name>.checkpoint).
+stage says what differs and starts over. Logging, saving and worker settings do not count: changing them reruns the
+stage, which finds its checkpoint complete and only writes the model again. A baseline can instead be taken from an
+existing checkpoint (params baselines.<name>.checkpoint).
 """
 
 import argparse

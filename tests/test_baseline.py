@@ -223,3 +223,23 @@ def test_baseline_cli_predicts_and_scores_through_a_correspondence(spleens, tmp_
     assert "accuracy " in capsys.readouterr().out
     assert main(["baseline", str(tmp_path / "mouse.h5ad"), str(tmp_path / "human.h5ad"), "--label", "type",
                  "--out", str(tmp_path / "x.csv")]) == 2
+
+
+def test_baseline_cli_reads_counts_from_a_layer_or_raw(spleens, tmp_path, capsys):
+    from mixgf.cli import main
+
+    for species, adata in spleens.items():  # X normalised, as many published files; the counts kept aside
+        stored = adata.copy()
+        stored.layers["counts"] = adata.X.copy()
+        stored.raw = adata
+        stored.X = log1p_cp10k(adata.X)
+        stored.write_h5ad(tmp_path / f"{species}.h5ad")
+    direct = ortholog_transfer(spleens["mouse"], spleens["human"], "cell_type").predicted
+    for counts in ("counts", "raw"):
+        out = tmp_path / f"{counts}.csv"
+        assert main(["baseline", str(tmp_path / "mouse.h5ad"), str(tmp_path / "human.h5ad"), "--label", "cell_type",
+                     "--out", str(out), "--counts", counts]) == 0
+        np.testing.assert_array_equal(pd.read_csv(out).predicted.to_numpy(), direct)
+    assert main(["baseline", str(tmp_path / "mouse.h5ad"), str(tmp_path / "human.h5ad"), "--label", "cell_type",
+                 "--out", str(tmp_path / "x.csv"), "--counts", "spliced"]) == 2
+    assert "mouse.h5ad: has no layer 'spliced'" in capsys.readouterr().err
