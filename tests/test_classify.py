@@ -288,6 +288,30 @@ def test_weights_start_from_the_checkpoint(pretrained, pbmc, tmp_path):
     assert all(torch.equal(start[k], saved[k]) for k in start)
 
 
+def test_training_only_the_cells_genes_equals_training_every_row(pretrained, pbmc, tmp_path, monkeypatch):
+    """Fine-tuning trains an embedding of only the genes its cells hold and decays the other rows as AdamW would:
+    the saved classifier equals one trained on every row of the embedding."""
+    from mixgf.classify import _Cells
+
+    dataset, meta = load_tokens(pbmc[0])
+    cfg = FinetuneConfig(**{**FAST, "epochs": 2, "weight_decay": 0.5})  # a decay large enough to see
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no pooler in the checkpoint
+        compact = finetune(pretrained, dataset, meta, "cell_type", cfg, out_dir=tmp_path / "compact")
+        genes = _Cells.genes
+        used = genes(_Cells(dataset, MAX_LEN, MAX_LEN, 1, torch.device("cpu")), np.arange(len(dataset)))
+        monkeypatch.setattr(_Cells, "genes", lambda self, rows: np.arange(len(pbmc[1])))
+        every = finetune(pretrained, dataset, meta, "cell_type", cfg, out_dir=tmp_path / "every")
+    unused = np.setdiff1d(np.arange(len(pbmc[1])), used)
+    assert len(unused) > 20  # <mask> and the genes never among a cell's top 64
+    start, got, expected = encoder(pretrained), encoder(tmp_path / "compact"), encoder(tmp_path / "every")
+    rows = "bert.embeddings.word_embeddings.weight"
+    assert not torch.allclose(got[rows][unused], start[rows][unused], atol=1e-3)  # decayed, not left as they were
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
+    np.testing.assert_array_equal(compact.test_predictions, every.test_predictions)
+
+
 def test_cli_finetune_random_init_and_truncation_warns_once(pretrained, pbmc, tmp_path, capsys):
     out = tmp_path / "clf16"
     with warnings.catch_warnings(record=True) as caught:
