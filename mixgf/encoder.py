@@ -33,8 +33,8 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 class Encoder:
     """The first ``n_layers`` layers of a BERT encoder, from its ``BertModel`` state dict ``weights``, run with fused
-    QKV and contiguous SDPA attention (the same arithmetic as ``BertLayer`` in eval mode, about twice as fast on
-    CPU) and a boolean key mask only when a batch has padding."""
+    QKV, SDPA attention on strided views of it (no copy; about 10% faster on CPU than contiguous heads) and a boolean
+    key mask only when a batch has padding: the same arithmetic as ``BertLayer`` in eval mode, about twice as fast."""
 
     def __init__(self, weights: dict[str, torch.Tensor], config, n_layers: int, device: torch.device):
         if config.position_embedding_type != "absolute" or config.is_decoder:
@@ -73,7 +73,7 @@ class Encoder:
         h = F.layer_norm(h, (self.width,), *self.norm, self.eps)
         keys = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
         for layer in self.layers:
-            q, k, v = F.linear(h, *layer["qkv"]).view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4).contiguous()
+            q, k, v = F.linear(h, *layer["qkv"]).view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
             context = context.transpose(1, 2).reshape(n, length, self.width)
             attended = F.layer_norm(F.linear(context, *layer["out"]) + h, (self.width,), *layer["norm1"], self.eps)

@@ -6,7 +6,7 @@ Not a test (pytest does not collect ``bench_*.py``). Run from the repository roo
     python tests/benchmarks/bench_embed.py --cells 2000 --max-len 256 --rounds 5 --threads 1 --layer -1
     python tests/benchmarks/bench_embed.py --cells 2000 --max-len 256 --rounds 3 --threads 2 --layer -1 --masked-lm
     python tests/benchmarks/bench_embed.py --cells 50000 --preset paper --max-len 2048          # a GPU
-    python tests/benchmarks/bench_embed.py --tokens data/finetune/human_Immune
+    python tests/benchmarks/bench_embed.py --tokens data/finetune/human_Immune --vocab data/vocab.tsv
 
 Every row embeds the same cells with the same model (a ``BertForMaskedLM`` checkpoint of the ``--preset`` size on
 the 82,606-gene vocabulary, as in bench_finetune.py), batch ``--batch-size``, and takes the same embedding: the mean
@@ -72,6 +72,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size (paper: 6 x 256)")
     parser.add_argument("--tokens", help="a token dataset instead of synthetic cells")
+    parser.add_argument("--vocab", help="the vocabulary file of --tokens (default: the bundled 82,606-gene one)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--masked-lm", action="store_true", help="add the BertForMaskedLM loop (slow)")
     args = parser.parse_args(argv)
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
         rows.append(("plain loop, BertForMaskedLM, dataset order, padded per batch", BertForMaskedLM))
     best, embeddings = np.zeros(len(rows)), [None] * len(rows)
     with tempfile.TemporaryDirectory() as root:
-        model_dir = checkpoint(Path(root) / "model", meta, args.preset)
+        model_dir = checkpoint(Path(root) / "model", meta, args.preset, vocab)
         for _ in range(args.rounds):
             for i, (_, model_class) in enumerate(rows):
                 start = time.perf_counter()

@@ -5,7 +5,7 @@ mixgf itself does not). Run from the repository root, e.g.::
 
     python tests/benchmarks/bench_finetune.py --cells 600 --epochs 2 --max-len 256            # CPU, minutes
     python tests/benchmarks/bench_finetune.py --cells 20000 --preset paper --max-len 2048    # a GPU
-    python tests/benchmarks/bench_finetune.py --tokens data/finetune/human_Immune --label cell_type
+    python tests/benchmarks/bench_finetune.py --tokens data/finetune/human_Immune --vocab data/vocab.tsv
 
 Every row fine-tunes the same model (a ``BertForMaskedLM`` checkpoint of the ``--preset`` size on the 82,606-gene
 vocabulary, saved with the config keys mixgf reads) on the same cells and split, with the same settings (SPEC §5:
@@ -14,7 +14,10 @@ work: ``epochs`` epochs, validation and test cells evaluated after each, the mod
 training cells per second of that whole job (``epochs x training cells / wall time``), the best of ``rounds``
 interleaved runs. The Trainer rows are plain random batches (its default) and ``group_by_length`` (what the
 Geneformer and Mix-Geneformer notebooks use). Synthetic cells have log-normal lengths with the median at 45% of
-``max_len`` (a tenth at the cap), as in bench_pretrain.py; labels are random (throughput only).
+``max_len`` (a tenth at the cap), as in bench_pretrain.py; labels are random (throughput only). Synthetic genes are
+drawn uniformly from all 82,606, so the cells hold most of them: the worst case for mixgf, which trains only the
+embedding rows of the cells' genes (a real dataset of one species holds at most that species' rows); ``--tokens``
+measures real cells.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from transformers import BertConfig, BertForMaskedLM
 from mixgf.classify import FinetuneConfig, finetune, split_cells
 from mixgf.model import PRESETS
 from mixgf.tokens import load_tokens
-from mixgf.vocab import default_vocab
+from mixgf.vocab import default_vocab, load_vocab
 
 
 def synthetic_cells(n_cells: int, max_len: int, vocab_size: int, n_types: int = 10, seed: int = 0) -> datasets.Dataset:
@@ -52,17 +55,19 @@ def benchmark_cells(args) -> tuple:
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    vocab = default_vocab()
+    vocab = load_vocab(args.vocab) if args.vocab else default_vocab()
     if args.tokens:
         dataset, meta = load_tokens(args.tokens)
+        if meta["vocab"]["hash"] != vocab.hash:
+            raise SystemExit(f"{args.tokens} was tokenized with vocabulary {meta['vocab']['name']!r}; pass its file "
+                             "with --vocab (the demo pipeline's: data/vocab.tsv)")
         return vocab, dataset.select(range(min(args.cells, len(dataset)))), meta
     meta = {"vocab": vocab.identity(), "medians": None, "max_len": args.max_len}
     return vocab, synthetic_cells(args.cells, args.max_len, len(vocab)), meta
 
 
-def checkpoint(out: Path, meta: dict, preset: str) -> Path:
+def checkpoint(out: Path, meta: dict, preset: str, vocab) -> Path:
     """A pretrained-model folder as mixgf writes it: BERT config with vocab / medians / max_len, BERT weights."""
-    vocab = default_vocab()
     arch = PRESETS[preset]({**meta, "max_len": None}).to_dict()  # the preset's architecture; positions below
     keep = set(BertConfig().to_dict()) - {"model_type", "architectures", "transformers_version"}
     torch.manual_seed(0)
@@ -83,13 +88,13 @@ def run_mixgf(pretrained: Path, dataset, meta, label: str, cfg: FinetuneConfig) 
     return cfg.epochs * result.metrics["n_train"] / seconds
 
 
-def gene_tokenizer():
+def gene_tokenizer(vocab):
     """A tokenizer that only pads (DataCollatorWithPadding needs one): the genes as a word-level vocabulary."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    tokens = default_vocab().tokens
+    tokens = vocab.tokens
     model = WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<mask>")
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(model), pad_token="<pad>", mask_token="<mask>")
 
@@ -98,7 +103,7 @@ def accuracy_of(prediction) -> dict:
     return {"accuracy": float(np.mean(prediction.predictions.argmax(-1) == prediction.label_ids))}
 
 
-def run_trainer(pretrained: Path, dataset, label: str, cfg: FinetuneConfig, *, grouped: bool) -> float:
+def run_trainer(pretrained: Path, dataset, label: str, cfg: FinetuneConfig, vocab, *, grouped: bool) -> float:
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -124,7 +129,7 @@ def run_trainer(pretrained: Path, dataset, label: str, cfg: FinetuneConfig, *, g
             bf16=on_gpu and cfg.dtype == "bfloat16", max_grad_norm=cfg.grad_clip,
             train_sampling_strategy="group_by_length" if grouped else "random", length_column_name="length")
         trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset={"val": val, "test": test},
-                          data_collator=DataCollatorWithPadding(gene_tokenizer()),
+                          data_collator=DataCollatorWithPadding(gene_tokenizer(vocab)),
                           compute_metrics=accuracy_of)
         trainer.remove_callback(PrinterCallback)
         trainer.train()
@@ -141,6 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size (paper: 6 x 256)")
     parser.add_argument("--tokens", help="a labelled token dataset instead of synthetic cells")
+    parser.add_argument("--vocab", help="the vocabulary file of --tokens (default: the bundled 82,606-gene one)")
     parser.add_argument("--label", default="cell_type")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     args = parser.parse_args(argv)
@@ -148,8 +154,10 @@ def main(argv=None) -> None:
     cfg = FinetuneConfig(epochs=args.epochs)
     lengths = np.asarray(dataset["length"])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    genes = len(np.unique(np.concatenate([np.asarray(c)[: meta["max_len"]] for c in dataset["input_ids"]])))
     print(f"{len(dataset)} cells ({args.tokens or 'synthetic'}), length median {np.median(lengths):.0f}, mean "
-          f"{lengths.mean():.0f}, max_len {meta['max_len']}; {args.preset} model, vocab {len(vocab)}; batch "
+          f"{lengths.mean():.0f}, max_len {meta['max_len']}, {genes:,} distinct genes (the embedding rows mixgf "
+          f"trains); {args.preset} model, vocab {len(vocab)}; batch "
           f"{cfg.batch_size}; {args.epochs} epochs x {args.rounds} rounds; {device}\n")
 
     rows = [("mixgf finetune (length-grouped, dynamic padding)", "mixgf"),
@@ -157,13 +165,13 @@ def main(argv=None) -> None:
             ("Trainer + DataCollatorWithPadding, group_by_length", "grouped")]
     best = np.zeros(len(rows))
     with tempfile.TemporaryDirectory() as root:
-        pretrained = checkpoint(Path(root) / "pretrained", meta, args.preset)
+        pretrained = checkpoint(Path(root) / "pretrained", meta, args.preset, vocab)
         for _ in range(args.rounds):
             for i, (_, kind) in enumerate(rows):
                 if kind == "mixgf":
                     value = run_mixgf(pretrained, dataset, meta, args.label, cfg)
                 else:
-                    value = run_trainer(pretrained, dataset, args.label, cfg, grouped=kind == "grouped")
+                    value = run_trainer(pretrained, dataset, args.label, cfg, vocab, grouped=kind == "grouped")
                 best[i] = max(best[i], value)
     print("| fine-tuning | training cells/s (whole job) | mixgf is |\n|---|---:|---:|")
     for (name, _), value in zip(rows, best):
