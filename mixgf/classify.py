@@ -34,9 +34,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from mixgf.collate import length_grouped_batches, pad_batch
 from mixgf.checkpoint import (VOCAB_FILE, default_device, length_limit, model_vocab, token_column, warn_truncation,
                               with_identity)
+from mixgf.collate import length_grouped_batches, pad_batch
 from mixgf.io import atomic_dir, write_json_atomic
 from mixgf.pretrain import configure_optimizer, lr_at
 from mixgf.stats import accuracy, macro_f1
@@ -208,12 +208,11 @@ def _read_config(model_dir: Path, vocab: GeneVocab | None):
 class _Cells:
     """Padded batches of a token dataset's rows, each cell cut to its ``limit`` top-ranked genes."""
 
-    def __init__(self, dataset, limit: int, positions: int, pad_to_multiple_of: int, device: torch.device,
-                 table: np.ndarray | None = None):
+    def __init__(self, dataset, limit: int, positions: int, pad_to_multiple_of: int, device: torch.device):
         self.tokens = dataset.select_columns(["input_ids"]).with_format("numpy")
         self.lengths = np.minimum(token_column(dataset, "length"), limit)
         self.limit, self.positions, self.multiple, self.device = limit, positions, pad_to_multiple_of, device
-        self.table = table  # token id -> row of a compact embedding (see _CompactEmbedding), or None
+        self.table: np.ndarray | None = None  # token id -> row of a compact embedding (see _CompactEmbedding)
 
     def genes(self, rows: np.ndarray, chunk: int = 10_000) -> np.ndarray:
         """The sorted token ids in the cells ``rows`` (each cut to its top ``limit`` genes), ``<pad>`` included."""
@@ -328,9 +327,10 @@ def finetune(pretrained_dir, dataset, meta: dict, label: str, cfg: FinetuneConfi
     if cfg.max_len is not None:
         limit = min(limit, cfg.max_len)
     gene_vocab = model_vocab(pretrained_dir, config, vocab)
-    split = split_cells(token_column(dataset, label), min_fraction=cfg.min_fraction, test_fraction=cfg.test_fraction,
+    labels = token_column(dataset, label)
+    split = split_cells(labels, min_fraction=cfg.min_fraction, test_fraction=cfg.test_fraction,
                         val_fraction=cfg.val_fraction, seed=cfg.seed)
-    names = token_column(dataset, label).astype(str)
+    names = labels.astype(str)
     label_of = {name: i for i, name in enumerate(split.labels)}
     targets = np.array([label_of.get(name, -1) for name in names])
 

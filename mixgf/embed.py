@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mixgf.checkpoint import VOCAB_FILE, default_device, length_limit, read_config, warn_truncation
+from mixgf.checkpoint import VOCAB_FILE, default_device, length_limit, read_config, token_column, warn_truncation
 from mixgf.classify import _autocast, _Cells
 from mixgf.encoder import load_encoder, mean_pool
 from mixgf.vocab import GeneVocab
@@ -32,7 +32,7 @@ def embed_cells(model_dir, dataset, meta: dict, *, layer: int = 0, batch_size: i
     model_dir = Path(model_dir)
     config = read_config(model_dir, vocab)
     limit = length_limit(config, meta, source)
-    warn_truncation(np.asarray(dataset.select_columns(["length"]).to_pandas()["length"]), limit)
+    warn_truncation(token_column(dataset, "length"), limit)
     device = default_device()
     encoder = load_encoder(model_dir, config, layer, device)
     # tensor-core shapes on a GPU; on a CPU no padding beyond the batch's longest cell, so most batches need no mask

@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mixgf.checkpoint import VOCAB_FILE, check_token_dataset
 from mixgf.collate import MLMCollator, PretrainBatches
 from mixgf.io import atomic_dir
-from mixgf.checkpoint import VOCAB_FILE, check_token_dataset
 from mixgf.model import IGNORE_INDEX, MixGFForPretraining
 from mixgf.vocab import GeneVocab
 

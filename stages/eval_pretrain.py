@@ -9,9 +9,9 @@ import torch
 
 from common import load_params
 
+from mixgf.checkpoint import check_token_dataset
 from mixgf.io import write_json_atomic
 from mixgf.mlm_eval import evaluate_mlm, gene_frequencies
-from mixgf.checkpoint import check_token_dataset
 from mixgf.model import MixGFForPretraining
 from mixgf.tokens import load_tokens
 from mixgf.vocab import GeneVocab
