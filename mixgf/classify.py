@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from mixgf.checkpoint import (VOCAB_FILE, default_device, length_limit, model_vocab, token_column, warn_truncation,
                               with_identity)
 from mixgf.collate import length_grouped_batches, pad_batch
+from mixgf.encoder import ACTIVATIONS, bert_layer, check_architecture, embeddings, key_mask, layer_weights
 from mixgf.io import atomic_dir, write_json_atomic
 from mixgf.pretrain import configure_optimizer, lr_at
 from mixgf.stats import accuracy, macro_f1
@@ -202,7 +203,9 @@ def _read_config(model_dir: Path, vocab: GeneVocab | None):
     """The model's transformers config (fine-tuning edits and saves it) with the identity attributes the checks read."""
     from transformers import AutoConfig
 
-    return with_identity(AutoConfig.from_pretrained(model_dir), model_dir, vocab)
+    config = AutoConfig.from_pretrained(model_dir)
+    check_architecture(config)
+    return with_identity(config, model_dir, vocab)
 
 
 class _Cells:
@@ -237,6 +240,24 @@ class _Cells:
             yield where, self.batch(rows[where])
 
 
+def classifier_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The logits of a ``BertForSequenceClassification``, computed from its own parameters as its forward pass does
+    (dropout in training mode), but the last layer only at position 0: the pooler reads nothing else. On a 2-layer
+    model that halves the work of a training step; on any, it drops the last layer's other positions."""
+    config = model.config
+    weights = {name.removeprefix("bert."): p for name, p in model.named_parameters()}
+    dropout = config.hidden_dropout_prob if model.training else 0.0
+    attention_dropout = config.attention_probs_dropout_prob if model.training else 0.0
+    h = embeddings(input_ids, weights, config.layer_norm_eps, padding_idx=model.get_input_embeddings().padding_idx,
+                   dropout=dropout)
+    keys, act, last = key_mask(attention_mask), ACTIVATIONS[config.hidden_act], config.num_hidden_layers - 1
+    for i in range(config.num_hidden_layers):
+        h = bert_layer(h, layer_weights(weights, i), config.num_attention_heads, config.layer_norm_eps, act, keys,
+                       dropout=dropout, attention_dropout=attention_dropout, first_only=i == last)
+    pooled = model.bert.pooler.activation(model.bert.pooler.dense(h[:, 0]))
+    return model.classifier(model.dropout(pooled))
+
+
 @torch.no_grad()
 def _probabilities(model, cells: _Cells, rows: np.ndarray, batch_size: int, autocast) -> np.ndarray:
     """Class probabilities (len(rows), n_labels), float32, in the order of ``rows``."""
@@ -244,7 +265,7 @@ def _probabilities(model, cells: _Cells, rows: np.ndarray, batch_size: int, auto
     out = np.empty((len(rows), model.config.num_labels), np.float32)
     for where, (input_ids, mask) in cells.by_length(rows, batch_size):
         with autocast:
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            logits = classifier_logits(model, input_ids, mask)
         out[where] = torch.softmax(logits.float(), -1).cpu().numpy()
     return out
 
@@ -379,7 +400,7 @@ def finetune(pretrained_dir, dataset, meta: dict, label: str, cfg: FinetuneConfi
             decay *= 1 - lr * cfg.weight_decay
             input_ids, mask = cells.batch(rows)
             with autocast:
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
+                logits = classifier_logits(model, input_ids, mask)
             loss = F.cross_entropy(logits.float(), train_targets[torch.from_numpy(rows)].to(device, non_blocking=True))
             loss.backward()
             if cfg.grad_clip:

@@ -15,7 +15,8 @@ import torch
 
 from mixgf.checkpoint import VOCAB_FILE, default_device, length_limit, read_config, token_column, warn_truncation
 from mixgf.classify import _autocast, _Cells
-from mixgf.encoder import load_encoder, mean_pool
+from mixgf.encoder import load_encoder
+from mixgf.pooling import mean_pool
 from mixgf.vocab import GeneVocab
 
 

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.bert.modeling_bert import BertModel, BertOnlyMLMHead, BertPreTrainedModel
 from transformers.utils import ModelOutput
 
-from mixgf.encoder import mean_pool
+from mixgf.pooling import mean_pool
 from mixgf.simcse import LOSSES, at_least_float32, diagnostics, simcse_loss
 
 IGNORE_INDEX = -100  # label of positions that carry no MLM target (torch's cross-entropy default)

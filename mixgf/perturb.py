@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from mixgf.checkpoint import default_device, length_limit, model_vocab, read_config, token_column, warn_truncation
-from mixgf.encoder import Encoder, load_encoder, mean_pool
+from mixgf.encoder import Encoder, load_encoder
+from mixgf.pooling import mean_pool
 from mixgf.tokens import cells_species
 from mixgf.vocab import GeneVocab
 

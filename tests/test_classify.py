@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
 from mixgf.classify import FinetuneConfig, finetune, predict, split_cells
@@ -312,6 +313,59 @@ def test_training_only_the_cells_genes_equals_training_every_row(pretrained, pbm
     np.testing.assert_array_equal(compact.test_predictions, every.test_predictions)
 
 
+def _tiny_classifier(layers: int, dropout: float = 0.0, attention_dropout: float = 0.0, act: str = "gelu"):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=12, hidden_act=act, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=attention_dropout, classifier_dropout=0.0, num_labels=3, pad_token_id=0))
+
+
+@pytest.mark.parametrize("layers, act", [(1, "gelu"), (3, "relu")])
+def test_classifier_logits_and_gradients_are_the_hugging_face_models(layers, act):
+    """classifier_logits computes the last layer at position 0 only: the same logits and the same gradients for
+    every parameter as BertForSequenceClassification's forward, on a padded batch, in training mode without dropout
+    (with dropout the same computation up to its random masks)."""
+    from mixgf.classify import classifier_logits
+
+    model = _tiny_classifier(layers, act=act).train()
+    ids = torch.tensor([[5, 9, 3, 7, 2, 11, 4, 8], [6, 12, 10, 0, 0, 0, 0, 0], [13, 2, 5, 9, 14, 0, 0, 0]])
+    mask, labels = (ids != 0).long(), torch.tensor([0, 2, 1])
+    grads = []
+    for logits_of in (lambda: model(input_ids=ids, attention_mask=mask).logits,
+                      lambda: classifier_logits(model, ids, mask)):
+        model.zero_grad()
+        logits = logits_of()
+        F.cross_entropy(logits, labels).backward()
+        grads.append((logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (hf_logits, hf_grads), (logits, got) = grads
+    torch.testing.assert_close(logits, hf_logits, rtol=1e-5, atol=1e-6)
+    assert got.keys() == hf_grads.keys() and len(got) == 5 + 16 * layers + 4  # pooler and classifier included
+    for k in hf_grads:
+        torch.testing.assert_close(got[k], hf_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("dropout, attention_dropout", [(0.3, 0.0), (0.0, 0.3)])
+def test_classifier_logits_apply_dropout_only_in_training(dropout, attention_dropout):
+    from mixgf.classify import classifier_logits
+
+    model = _tiny_classifier(2, dropout, attention_dropout)
+    ids = torch.tensor([[5, 9, 3, 7, 2, 11], [6, 12, 10, 4, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        model.eval()
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(classifier_logits(model, ids, mask), expected)
+        model.train()
+        torch.manual_seed(1)
+        first = classifier_logits(model, ids, mask)
+        assert not torch.allclose(first, classifier_logits(model, ids, mask))
+        torch.manual_seed(1)
+        torch.testing.assert_close(classifier_logits(model, ids, mask), first)
+
+
 def test_cli_finetune_random_init_and_truncation_warns_once(pretrained, pbmc, tmp_path, capsys):
     out = tmp_path / "clf16"
     with warnings.catch_warnings(record=True) as caught:
@@ -364,3 +418,17 @@ def test_predict_cli_scores_cells_of_the_other_species_through_a_correspondence(
     pd.DataFrame({"mouse": types}).to_csv(tmp_path / "bad.csv", index=False)
     assert main(["predict", str(classifier.out_dir), str(pbmc[0]), "--out", str(out), "--label", "cell_type",
                  "--correspondence", str(tmp_path / "bad.csv")]) == 2
+
+
+def test_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():
+    from mixgf.encoder import apply_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000, requires_grad=True)
+    out = apply_dropout(x, 0.1)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 4 * (0.9 * 0.1 / 1e6) ** 0.5  # 4 standard errors
+    torch.testing.assert_close(out[kept], torch.full((int(kept.sum()),), 1 / 0.9))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept / 0.9)
+    assert apply_dropout(x, 0.0) is x

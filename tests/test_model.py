@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from transformers import BertForMaskedLM
 
-from mixgf.collate import MLMCollator
 from mixgf.checkpoint import check_token_dataset
-from mixgf.encoder import mean_pool
+from mixgf.collate import MLMCollator
 from mixgf.model import IGNORE_INDEX, MixGFConfig, MixGFForPretraining, demo_config, paper_config
+from mixgf.pooling import mean_pool
 from mixgf.vocab import GeneVocab, default_vocab
 
 VOCAB = GeneVocab(default_vocab().tokens[:300], name="tiny")  # <pad>, <mask> and 298 real ENSG ids
