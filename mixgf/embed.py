@@ -15,7 +15,7 @@ import torch
 
 from mixgf.checkpoint import VOCAB_FILE, default_device, length_limit, read_config, token_column, warn_truncation
 from mixgf.classify import _autocast, _Cells
-from mixgf.encoder import load_encoder
+from mixgf.encoder import load_encoder, map_batches
 from mixgf.pooling import mean_pool
 from mixgf.vocab import GeneVocab
 
@@ -40,10 +40,15 @@ def embed_cells(model_dir, dataset, meta: dict, *, layer: int = 0, batch_size: i
     cells = _Cells(dataset, limit, config.max_position_embeddings, 8 if device.type == "cuda" else 1, device)
     out = np.empty((len(dataset), config.hidden_size), np.float32)
     autocast = _autocast(device, dtype)
-    for where, (input_ids, mask) in cells.by_length(np.arange(len(dataset)), batch_size):
+
+    def pool(batch) -> tuple[np.ndarray, np.ndarray]:
+        where, (input_ids, mask) = batch
         with autocast:
             hidden = encoder(input_ids, mask)
-        out[where] = mean_pool(hidden.float(), mask).cpu().numpy()
+        return where, mean_pool(hidden.float(), mask).cpu().numpy()
+
+    for where, pooled in map_batches(pool, cells.by_length(np.arange(len(dataset)), batch_size), device):
+        out[where] = pooled
     return out
 
 

@@ -23,7 +23,8 @@ Perturbations, as Geneformer's ``delete_indices`` / ``overexpress_indices`` / ``
 Speed: every perturbed variant of every cell is one row of a batch; rows are packed longest first (the variants of a
 cell have equal lengths, so batches hardly need padding, and where they do it is masked), only the encoder layers up
 to the chosen one run (no MLM or classifier head, no pooler), and each cell's original hidden states are computed
-once and gathered by index for every comparison. The Python loop runs over batches, never over genes.
+once and gathered by index for every comparison. The Python loop runs over batches, never over genes; on a CPU,
+batches run side by side in one thread per core (:func:`mixgf.encoder.map_batches`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import random
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from mixgf.checkpoint import default_device, length_limit, model_vocab, read_config, token_column, warn_truncation
-from mixgf.encoder import Encoder, load_encoder
+from mixgf.encoder import Encoder, load_encoder, map_batches
 from mixgf.pooling import mean_pool
 from mixgf.tokens import cells_species
 from mixgf.vocab import GeneVocab
@@ -175,6 +177,25 @@ def _batches(blocks: list[_Block], batch_size: int):
         yield batch
 
 
+def _measure(encoder: Encoder, reference: dict, goal: torch.Tensor | None, batch) -> tuple[list, list[np.ndarray]]:
+    """One packed batch of :func:`_batches`: the batch and, per slice of a block, its cos_sim (or cosine_shift)."""
+    input_ids, mask = _padded([s for b, i, j in batch for s in b.tokens[i:j]], encoder.device)
+    h = encoder(input_ids, mask)
+    values, first = [], 0
+    for block, i, j in batch:
+        m = block.reference.shape[1]
+        perturbed = h[first : first + j - i, block.offset : block.offset + m]
+        original = reference[(block.cell, block.truncated)][torch.from_numpy(block.reference[i:j]).to(h.device)]
+        if goal is None:
+            value = F.cosine_similarity(perturbed, original, dim=-1, eps=1e-8).mean(-1)
+        else:
+            value = (F.cosine_similarity(perturbed.mean(1), goal[None], dim=-1)
+                     - F.cosine_similarity(original.mean(1), goal[None], dim=-1))
+        values.append(value.float().cpu().numpy())
+        first += j - i
+    return batch, values
+
+
 def _run(encoder: Encoder, cells, rows: np.ndarray, mode: str, genes: np.ndarray | None, limit: int,
          batch_size: int, goal: torch.Tensor | None, chunk_tokens: int = 2**23) -> dict[str, np.ndarray]:
     """Perturb the cells ``rows``; per variant: cell, position, token and the cos_sim (or, with ``goal``, the
@@ -196,24 +217,14 @@ def _run(encoder: Encoder, cells, rows: np.ndarray, mode: str, genes: np.ndarray
         states = _hidden_states(encoder, ids + extra, batch_size)
         reference = {(int(cell), False): h for cell, h in zip(chunk, states)}
         reference.update({(cell, True): h for cell, h in zip(sorted(truncated), states[len(ids) :])})
-        for batch in _batches(blocks, batch_size):
-            input_ids, mask = _padded([s for b, i, j in batch for s in b.tokens[i:j]], encoder.device)
-            h = encoder(input_ids, mask)
-            first = 0
-            for block, i, j in batch:
-                m = block.reference.shape[1]
-                perturbed = h[first : first + j - i, block.offset : block.offset + m]
-                original = reference[(block.cell, block.truncated)][torch.from_numpy(block.reference[i:j]).to(h.device)]
-                if goal is None:
-                    value = F.cosine_similarity(perturbed, original, dim=-1, eps=1e-8).mean(-1)
-                else:
-                    value = (F.cosine_similarity(perturbed.mean(1), goal[None], dim=-1)
-                             - F.cosine_similarity(original.mean(1), goal[None], dim=-1))
-                out["value"].append(value.float().cpu().numpy())
+
+        batches = map_batches(partial(_measure, encoder, reference, goal), _batches(blocks, batch_size), encoder.device)
+        for batch, values in batches:
+            for (block, i, j), value in zip(batch, values):
+                out["value"].append(value)
                 out["cell"].append(np.full(j - i, block.cell))
                 out["position"].append(block.positions[i:j])
                 out["gene"].append(block.genes[i:j])
-                first += j - i
         start = stop
     return {k: np.concatenate(v) if v else np.empty(0) for k, v in out.items()}
 

@@ -50,3 +50,30 @@ def test_config_identity_and_errors(tmp_path):
         read_weights(tmp_path)
     with pytest.raises(ValueError, match="emb_layer must be in"):
         load_encoder(tmp_path, config, -2, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_map_batches_runs_side_by_side_in_order_and_restores_the_threads(threads):
+    """Each batch is computed by one thread alone (its own single torch thread), the results come back in the
+    order of the batches, and the caller's torch thread count is what it was."""
+    import threading
+
+    from mixgf.encoder import map_batches
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seen = []
+
+        def work(i):
+            seen.append((threading.get_ident(), torch.get_num_threads()))
+            return i * i
+
+        assert list(map_batches(work, iter(range(20)), torch.device("cpu"))) == [i * i for i in range(20)]
+        assert torch.get_num_threads() == threads
+        if threads == 1:
+            assert {t for t, _ in seen} == {threading.get_ident()}
+        else:
+            assert threading.get_ident() not in {t for t, _ in seen} and {n for _, n in seen} == {1}
+    finally:
+        torch.set_num_threads(before)
