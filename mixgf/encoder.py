@@ -133,27 +133,29 @@ class Encoder:
         return h
 
 
-def map_batches(fn, batches, device: torch.device):
+def map_batches(fn, batches, device: torch.device, max_workers: int = 4):
     """``fn`` over the iterable ``batches``, results in order. On a CPU of several torch threads the batches run in
-    as many Python threads of one torch thread each (torch releases the GIL in its kernels): a small model's
-    operations spread over 2 cores at about 1.5x one core's rate, two independent batches at about 1.9x. Each batch
-    is still computed by one thread alone, so results do not depend on the scheduling; ``batches`` is read ahead
-    by only one batch per thread. Elsewhere (a GPU, one thread) in turn."""
+    up to ``max_workers`` Python threads that share the torch threads (torch releases the GIL in its kernels): a
+    small model's operations spread over 2 cores at about 1.5x one core's rate, two independent batches at about
+    1.9x. Each batch is still computed by one worker alone, so results do not depend on the scheduling; memory is
+    one batch per worker, and ``batches`` is read ahead by one batch per worker. Elsewhere (a GPU, one thread) in
+    turn."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    workers = min(threads, max_workers)
+    if device.type != "cpu" or workers == 1:
         yield from map(fn, batches)
         return
 
     def run(batch):
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads // workers)
         return fn(batch)
 
     pending = deque()
     try:
-        with ThreadPoolExecutor(threads) as pool:
+        with ThreadPoolExecutor(workers) as pool:
             for batch in batches:
                 pending.append(pool.submit(run, batch))
-                if len(pending) > threads:
+                if len(pending) > workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

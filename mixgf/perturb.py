@@ -24,7 +24,7 @@ Speed: every perturbed variant of every cell is one row of a batch; rows are pac
 cell have equal lengths, so batches hardly need padding, and where they do it is masked), only the encoder layers up
 to the chosen one run (no MLM or classifier head, no pooler), and each cell's original hidden states are computed
 once and gathered by index for every comparison. The Python loop runs over batches, never over genes; on a CPU,
-batches run side by side in one thread per core (:func:`mixgf.encoder.map_batches`).
+batches run side by side in worker threads (:func:`mixgf.encoder.map_batches`).
 """
 
 from __future__ import annotations

@@ -52,11 +52,12 @@ def test_config_identity_and_errors(tmp_path):
         load_encoder(tmp_path, config, -2, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_map_batches_runs_side_by_side_in_order_and_restores_the_threads(threads):
-    """Each batch is computed by one thread alone (its own single torch thread), the results come back in the
-    order of the batches, and the caller's torch thread count is what it was."""
+@pytest.mark.parametrize("threads, workers, each", [(1, 1, 1), (2, 2, 1), (8, 4, 2)])
+def test_map_batches_runs_side_by_side_in_order_and_restores_the_threads(threads, workers, each):
+    """Batches run in up to 4 worker threads sharing the torch threads (one thread alone: in turn, in the caller),
+    the results come back in the order of the batches, and the caller's torch thread count is what it was."""
     import threading
+    import time
 
     from mixgf.encoder import map_batches
 
@@ -67,13 +68,16 @@ def test_map_batches_runs_side_by_side_in_order_and_restores_the_threads(threads
 
         def work(i):
             seen.append((threading.get_ident(), torch.get_num_threads()))
+            time.sleep(0.01)  # busy, so the pool starts another worker for the next batch
             return i * i
 
         assert list(map_batches(work, iter(range(20)), torch.device("cpu"))) == [i * i for i in range(20)]
         assert torch.get_num_threads() == threads
-        if threads == 1:
-            assert {t for t, _ in seen} == {threading.get_ident()}
+        idents = {t for t, _ in seen}
+        assert {n for _, n in seen} == {each if workers > 1 else threads}
+        if workers == 1:
+            assert idents == {threading.get_ident()}
         else:
-            assert threading.get_ident() not in {t for t, _ in seen} and {n for _, n in seen} == {1}
+            assert threading.get_ident() not in idents and 1 < len(idents) <= workers
     finally:
         torch.set_num_threads(before)
