@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from mixgf.checkpoint import (VOCAB_FILE, default_device, length_limit, model_vocab, token_column, warn_truncation,
                               with_identity)
 from mixgf.collate import length_grouped_batches, pad_batch
-from mixgf.encoder import ACTIVATIONS, bert_layer, check_architecture, embeddings, key_mask, layer_weights
+from mixgf.encoder import (ACTIVATIONS, bert_layer, check_architecture, embeddings, key_mask, layer_weights,
+                           map_batches)
 from mixgf.io import atomic_dir, write_json_atomic
 from mixgf.pretrain import configure_optimizer, lr_at
 from mixgf.stats import accuracy, macro_f1
@@ -258,15 +259,20 @@ def classifier_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return model.classifier(model.dropout(pooled))
 
 
-@torch.no_grad()
 def _probabilities(model, cells: _Cells, rows: np.ndarray, batch_size: int, autocast) -> np.ndarray:
-    """Class probabilities (len(rows), n_labels), float32, in the order of ``rows``."""
+    """Class probabilities (len(rows), n_labels), float32, in the order of ``rows``; batches side by side on a
+    CPU's cores (:func:`mixgf.encoder.map_batches`)."""
     model.eval()
     out = np.empty((len(rows), model.config.num_labels), np.float32)
-    for where, (input_ids, mask) in cells.by_length(rows, batch_size):
-        with autocast:
+
+    def probabilities(batch) -> tuple[np.ndarray, np.ndarray]:
+        where, (input_ids, mask) = batch
+        with torch.no_grad(), autocast:  # no_grad is per thread: here, in the worker's
             logits = classifier_logits(model, input_ids, mask)
-        out[where] = torch.softmax(logits.float(), -1).cpu().numpy()
+        return where, torch.softmax(logits.float(), -1).cpu().numpy()
+
+    for where, probs in map_batches(probabilities, cells.by_length(rows, batch_size), cells.device):
+        out[where] = probs
     return out
 
 

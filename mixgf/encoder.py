@@ -8,6 +8,7 @@
 - :func:`embeddings` and :func:`bert_layer` are ``BertEmbeddings`` and ``BertLayer`` as functions of their weights
   (a ``BertModel`` state dict's names), dropout included, so that fine-tuning (:mod:`mixgf.classify`) trains a
   Hugging Face model's own parameters through them and can compute a layer for its first position only.
+- :func:`map_batches` runs independent inference batches side by side on a CPU's cores.
 """
 
 from __future__ import annotations

@@ -432,3 +432,25 @@ def test_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():
     out.sum().backward()
     torch.testing.assert_close(x.grad, kept / 0.9)
     assert apply_dropout(x, 0.0) is x
+
+
+def test_probabilities_side_by_side_equal_those_in_turn(classifier, pbmc):
+    """On 2 threads the prediction batches run in two workers (map_batches): the same probabilities as one thread's
+    batches in turn."""
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForSequenceClassification
+
+    from mixgf.classify import _Cells, _probabilities
+
+    dataset, _ = load_tokens(pbmc[0])
+    model = AutoModelForSequenceClassification.from_pretrained(classifier.out_dir)
+    cells = _Cells(dataset, MAX_LEN, MAX_LEN, 1, torch.device("cpu"))
+    rows = np.arange(200)
+    in_turn = _probabilities(model, cells, rows, 16, nullcontext())
+    torch.set_num_threads(2)
+    try:
+        side_by_side = _probabilities(model, cells, rows, 16, nullcontext())
+    finally:
+        torch.set_num_threads(1)
+    np.testing.assert_allclose(side_by_side, in_turn, rtol=0, atol=1e-6)
