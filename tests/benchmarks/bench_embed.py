@@ -38,7 +38,8 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import BertForMaskedLM, BertModel
 
 from mixgf.embed import embed_cells
-from mixgf.model import PRESETS, mean_pool
+from mixgf.model import PRESETS
+from mixgf.pooling import mean_pool
 from mixgf.vocab import GeneVocab
 
 
