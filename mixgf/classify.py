@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from mixgf.checkpoint import (VOCAB_FILE, default_device, length_limit, model_vocab, token_column, warn_truncation,
                               with_identity)
-from mixgf.collate import length_grouped_batches, pad_batch
+from mixgf.collate import length_grouped_batches, pad_ragged
 from mixgf.encoder import (ACTIVATIONS, bert_layer, check_architecture, embeddings, key_mask, layer_weights,
                            map_batches)
 from mixgf.io import atomic_dir, write_json_atomic
@@ -210,27 +210,32 @@ def _read_config(model_dir: Path, vocab: GeneVocab | None):
 
 
 class _Cells:
-    """Padded batches of a token dataset's rows, each cell cut to its ``limit`` top-ranked genes."""
+    """Padded batches of a token dataset's rows, each cell cut to its ``limit`` top-ranked genes. Rows are read as
+    Arrow lists (flat values and offsets, no Python object per cell: building a batch costs little beside the model)."""
 
     def __init__(self, dataset, limit: int, positions: int, pad_to_multiple_of: int, device: torch.device):
-        self.tokens = dataset.select_columns(["input_ids"]).with_format("numpy")
+        self.tokens = dataset.select_columns(["input_ids"]).with_format("arrow")
         self.lengths = np.minimum(token_column(dataset, "length"), limit)
         self.limit, self.positions, self.multiple, self.device = limit, positions, pad_to_multiple_of, device
         self.table: np.ndarray | None = None  # token id -> row of a compact embedding (see _CompactEmbedding)
 
-    def genes(self, rows: np.ndarray, chunk: int = 10_000) -> np.ndarray:
+    def _ragged(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The cells ``rows`` as (values, starts, lengths): cell i is ``values[starts[i] : starts[i] + lengths[i]]``,
+        cut to ``limit`` genes."""
+        lists = self.tokens[rows.tolist()]["input_ids"].combine_chunks()
+        offsets = lists.offsets.to_numpy()  # into lists.values, which ignores a slice's offset as these do
+        return lists.values.to_numpy(), offsets[:-1], np.minimum(np.diff(offsets), self.limit)
+
+    def genes(self, rows: np.ndarray, chunk: int = 1_000) -> np.ndarray:
         """The sorted token ids in the cells ``rows`` (each cut to its top ``limit`` genes), ``<pad>`` included."""
-        seen = {GeneVocab.pad_id}
+        seen = [np.array([GeneVocab.pad_id])]
         for start in range(0, len(rows), chunk):
-            cells = self.tokens[rows[start : start + chunk].tolist()]["input_ids"]
-            seen.update(np.unique(np.concatenate([c[: self.limit] for c in cells])).tolist())
-        return np.array(sorted(seen), np.int64)
+            values, starts, lengths = self._ragged(rows[start : start + chunk])
+            seen.append(np.unique(pad_ragged(values, starts, lengths)[0].numpy()))
+        return np.unique(np.concatenate(seen))
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        cells = [c[: self.limit] for c in self.tokens[rows.tolist()]["input_ids"]]
-        if self.table is not None:
-            cells = [self.table[c] for c in cells]
-        input_ids, mask = pad_batch(cells, self.multiple, self.positions)
+        input_ids, mask = pad_ragged(*self._ragged(rows), self.multiple, self.positions, self.table)
         return (input_ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
 
     def by_length(self, rows: np.ndarray, batch_size: int):
