@@ -246,12 +246,20 @@ class _Cells:
             yield where, self.batch(rows[where])
 
 
-def classifier_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The logits of a ``BertForSequenceClassification``, computed from its own parameters as its forward pass does
-    (dropout in training mode), but the last layer only at position 0: the pooler reads nothing else. On a 2-layer
-    model that halves the work of a training step; on any, it drops the last layer's other positions."""
+def parameters_by_name(model) -> dict[str, torch.Tensor]:
+    """A ``BertForSequenceClassification``'s parameters by their ``BertModel`` names (what the encoder functions
+    read); a training loop takes them once, not every step."""
+    return {name.removeprefix("bert."): p for name, p in model.named_parameters()}
+
+
+def classifier_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The logits of a ``BertForSequenceClassification``, computed from its own parameters (``weights``:
+    :func:`parameters_by_name`, taken here if not given) as its forward pass does (dropout in training mode), but the
+    last layer only at position 0: the pooler reads nothing else. On a 2-layer model that halves the work of a
+    training step; on any, it drops the last layer's other positions."""
     config = model.config
-    weights = {name.removeprefix("bert."): p for name, p in model.named_parameters()}
+    weights = weights if weights is not None else parameters_by_name(model)
     dropout = config.hidden_dropout_prob if model.training else 0.0
     attention_dropout = config.attention_probs_dropout_prob if model.training else 0.0
     h = embeddings(input_ids, weights, config.layer_norm_eps, padding_idx=model.get_input_embeddings().padding_idx,
@@ -259,7 +267,8 @@ def classifier_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     keys, act, last = key_mask(attention_mask), ACTIVATIONS[config.hidden_act], config.num_hidden_layers - 1
     for i in range(config.num_hidden_layers):
         h = bert_layer(h, layer_weights(weights, i), config.num_attention_heads, config.layer_norm_eps, act, keys,
-                       dropout=dropout, attention_dropout=attention_dropout, first_only=i == last)
+                       dropout=dropout, attention_dropout=attention_dropout, first_only=i == last,
+                       inplace=not torch.is_grad_enabled())
     pooled = model.bert.pooler.activation(model.bert.pooler.dense(h[:, 0]))
     return model.classifier(model.dropout(pooled))
 
@@ -269,11 +278,12 @@ def _probabilities(model, cells: _Cells, rows: np.ndarray, batch_size: int, auto
     CPU's cores (:func:`mixgf.encoder.map_batches`)."""
     model.eval()
     out = np.empty((len(rows), model.config.num_labels), np.float32)
+    weights = parameters_by_name(model)
 
     def probabilities(batch) -> tuple[np.ndarray, np.ndarray]:
         where, (input_ids, mask) = batch
         with torch.no_grad(), autocast:  # no_grad is per thread: here, in the worker's
-            logits = classifier_logits(model, input_ids, mask)
+            logits = classifier_logits(model, input_ids, mask, weights)
         return where, torch.softmax(logits.float(), -1).cpu().numpy()
 
     for where, probs in map_batches(probabilities, cells.by_length(rows, batch_size), cells.device):
@@ -306,6 +316,37 @@ class _CompactEmbedding:
         weight.mul_(decay)
         weight[self.genes] = model.get_input_embeddings().weight.data.to(weight)
         model.set_input_embeddings(self.full)
+
+
+class _FlatGroups:
+    """The optimizer's parameter groups, each held in one flat tensor: every parameter's data and gradient become
+    views into its group's tensor and gradient (autograd accumulates into an existing gradient in place), so gradient
+    clipping and fused AdamW run on two tensors instead of dozens, the same arithmetic per element and a twentieth
+    of a small model's training step less. :meth:`release` gives the parameters storage of their own again."""
+
+    def __init__(self, groups: list[dict]):
+        self.params = [p for g in groups for p in g["params"]]
+        self.groups = []
+        for group in groups:
+            flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in group["params"]]))
+            flat.grad = torch.zeros_like(flat)
+            start = 0
+            for p in group["params"]:
+                p.data, p.grad = (t[start : start + p.numel()].view_as(p) for t in (flat.data, flat.grad))
+                start += p.numel()
+            self.groups.append({**group, "params": [flat]})
+
+    @property
+    def tensors(self) -> list[torch.nn.Parameter]:
+        return [g["params"][0] for g in self.groups]
+
+    def zero_grad(self) -> None:
+        for flat in self.tensors:
+            flat.grad.zero_()
+
+    def release(self) -> None:
+        for p in self.params:
+            p.data, p.grad = p.data.clone(), None
 
 
 def _epoch_batches(lengths: np.ndarray, cfg: FinetuneConfig, epoch: int) -> list[np.ndarray]:
@@ -385,11 +426,12 @@ def finetune(pretrained_dir, dataset, meta: dict, label: str, cfg: FinetuneConfi
     steps_per_epoch = len(_epoch_batches(cells.lengths[split.train], cfg, 0))
     total = cfg.epochs * steps_per_epoch
     schedule = SimpleNamespace(lr=cfg.lr, warmup_steps=cfg.warmup(total), weight_decay=cfg.weight_decay)
-    # the decay groups of pretraining (matrices and embeddings only), in fused AdamW (what the Trainer runs too): one
-    # kernel over all parameters instead of one per tensor
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
-              for g in configure_optimizer(model, schedule).param_groups]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    # the decay groups of pretraining (matrices and embeddings only), each one flat tensor, in fused AdamW (what the
+    # Trainer runs too)
+    flat = _FlatGroups([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                        for g in configure_optimizer(model, schedule).param_groups])
+    optimizer = torch.optim.AdamW(flat.groups, lr=cfg.lr, fused=True)
+    weights = parameters_by_name(model)
     train_targets = torch.as_tensor(targets, dtype=torch.long)
 
     def evaluate(rows: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
@@ -411,13 +453,13 @@ def finetune(pretrained_dir, dataset, meta: dict, label: str, cfg: FinetuneConfi
             decay *= 1 - lr * cfg.weight_decay
             input_ids, mask = cells.batch(rows)
             with autocast:
-                logits = classifier_logits(model, input_ids, mask)
+                logits = classifier_logits(model, input_ids, mask, weights)
             loss = F.cross_entropy(logits.float(), train_targets[torch.from_numpy(rows)].to(device, non_blocking=True))
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(flat.tensors, cfg.grad_clip)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            flat.zero_grad()
             losses.append(loss.detach())
             step += 1
         _, val_acc, val_f1 = evaluate(split.val)
@@ -430,6 +472,7 @@ def finetune(pretrained_dir, dataset, meta: dict, label: str, cfg: FinetuneConfi
             best, best_epoch, best_test, best_decay = score, epoch + 1, test_pred, decay
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
+    flat.release()
     model.load_state_dict(best_state)
     model.to(torch.device("cpu")).eval()
     embedding.restore(model, best_decay)

@@ -14,12 +14,16 @@ from mixgf.vocab import GeneVocab
 @pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])
 def test_an_old_style_checkpoint_encodes_as_bert_model_does(tmp_path, act):
     """pytorch_model.bin with a ``bert.`` prefix and LayerNorm gamma / beta (as old Geneformer files): every layer's
-    hidden states equal BertModel's, padding masked."""
+    hidden states equal BertModel's, padding masked, with biases that are not 0."""
     torch.manual_seed(0)
     config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=20, hidden_act=act,
                         initializer_range=0.3)  # activations of order 1, where the forms of gelu differ
     model = BertForMaskedLM(config).eval()
+    with torch.no_grad():  # BERT starts its biases at 0; the encoder folds key and value biases away, so test them
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
     state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
              for k, v in model.state_dict().items()}
     torch.save(state, tmp_path / "pytorch_model.bin")

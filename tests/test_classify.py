@@ -317,10 +317,15 @@ def _tiny_classifier(layers: int, dropout: float = 0.0, attention_dropout: float
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(
+    model = BertForSequenceClassification(BertConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=12, hidden_act=act, hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=attention_dropout, classifier_dropout=0.0, num_labels=3, pad_token_id=0))
+    with torch.no_grad():  # BERT starts its biases at 0: make them count
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.3)
+    return model
 
 
 @pytest.mark.parametrize("layers, act", [(1, "gelu"), (3, "relu")])
@@ -421,17 +426,46 @@ def test_predict_cli_scores_cells_of_the_other_species_through_a_correspondence(
 
 
 def test_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():
-    from mixgf.encoder import apply_dropout
+    """CPU dropout drops with probability p rounded to 2^-16 (0.1 -> 6554 / 65536) and scales the rest so that the
+    expectation is exactly 1; dropout_add is the same mask plus the residual, in one pass."""
+    from mixgf.encoder import apply_dropout, dropout_add
 
+    dropped = 6554 / 65536
     torch.manual_seed(0)
     x = torch.ones(1_000_000, requires_grad=True)
     out = apply_dropout(x, 0.1)
     kept = out != 0
-    assert abs(kept.float().mean().item() - 0.9) < 4 * (0.9 * 0.1 / 1e6) ** 0.5  # 4 standard errors
-    torch.testing.assert_close(out[kept], torch.full((int(kept.sum()),), 1 / 0.9))
+    assert abs(kept.float().mean().item() - (1 - dropped)) < 4 * (dropped * (1 - dropped) / 1e6) ** 0.5  # 4 SE
+    torch.testing.assert_close(out[kept], torch.full((int(kept.sum()),), 1 / (1 - dropped)), rtol=1e-7, atol=0)
     out.sum().backward()
-    torch.testing.assert_close(x.grad, kept / 0.9)
+    torch.testing.assert_close(x.grad, kept / (1 - dropped))
     assert apply_dropout(x, 0.0) is x
+
+    y, residual = torch.randn(64, 300), torch.randn(64, 300)
+    torch.manual_seed(1)
+    expected = apply_dropout(y, 0.3) + residual
+    torch.manual_seed(1)
+    got = dropout_add(y, residual, 0.3)
+    torch.testing.assert_close(got, expected)  # a fused multiply-add: float rounding apart
+    assert torch.equal(got == residual, expected == residual)  # the same elements dropped
+    assert torch.equal(dropout_add(y, residual, 0.0), y + residual)
+
+
+def test_inplace_layer_overwrites_its_input_and_computes_the_same():
+    """bert_layer(inplace=True), the inference path, accumulates its residuals into the hidden states it is given:
+    the same output as the out-of-place layer to float rounding, also under autocast (where it falls back)."""
+    from mixgf.encoder import ACTIVATIONS, bert_layer, layer_weights
+
+    model = _tiny_classifier(1).eval()
+    weights = {name.removeprefix("bert."): p.detach() for name, p in model.named_parameters()}
+    layer, h = layer_weights(weights, 0), torch.randn(3, 7, 16)
+    expected = bert_layer(h, layer, 2, 1e-12, ACTIVATIONS["gelu"], None)
+    given = h.clone()
+    torch.testing.assert_close(bert_layer(given, layer, 2, 1e-12, ACTIVATIONS["gelu"], None, inplace=True), expected)
+    assert not torch.equal(given, h)  # overwritten: only for hidden states the caller no longer needs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = bert_layer(h.clone(), layer, 2, 1e-12, ACTIVATIONS["gelu"], None, inplace=True)
+    torch.testing.assert_close(mixed.float(), expected, rtol=0.1, atol=0.1)
 
 
 def test_probabilities_side_by_side_equal_those_in_turn(classifier, pbmc):
