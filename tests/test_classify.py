@@ -488,3 +488,36 @@ def test_probabilities_side_by_side_equal_those_in_turn(classifier, pbmc):
     finally:
         torch.set_num_threads(1)
     np.testing.assert_allclose(side_by_side, in_turn, rtol=0, atol=1e-6)
+
+
+def test_flat_optimizer_groups_train_as_per_parameter_adamw():
+    """Fine-tuning's parameters live in one flat tensor per optimizer group (data and gradients as views): clipping
+    and fused AdamW on the two flat tensors give the weights per-parameter AdamW gives; release() unshares them."""
+    from mixgf.classify import _FlatGroups, classifier_logits
+
+    ids, labels = torch.tensor([[5, 9, 3, 7], [6, 12, 10, 0]]), torch.tensor([0, 2])
+    trained = []
+    for flatten in (False, True):
+        model = _tiny_classifier(2).train()
+        params = list(model.parameters())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        flat = _FlatGroups(groups) if flatten else None
+        optimizer = torch.optim.AdamW(flat.groups if flatten else groups, lr=1e-2, fused=True)
+        for _ in range(3):
+            F.cross_entropy(classifier_logits(model, ids, (ids != 0).long()), labels).backward()
+            torch.nn.utils.clip_grad_norm_(flat.tensors if flatten else params, 0.05)  # small: clipping acts
+            optimizer.step()
+            if flatten:
+                flat.zero_grad()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+        if flatten:
+            assert len({p.untyped_storage().data_ptr() for p in params}) == 2  # views of the two groups
+            flat.release()
+            assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
+            assert all(p.grad is None for p in params)
+        trained.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for k in trained[0]:
+        torch.testing.assert_close(trained[1][k], trained[0][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(trained[0]["classifier.weight"], _tiny_classifier(2).state_dict()["classifier.weight"])
