@@ -321,28 +321,35 @@ class _CompactEmbedding:
 class _FlatGroups:
     """The optimizer's parameter groups, each held in one flat tensor: every parameter's data and gradient become
     views into its group's tensor and gradient (autograd accumulates into an existing gradient in place), so gradient
-    clipping and fused AdamW run on two tensors instead of dozens, the same arithmetic per element and a twentieth
-    of a small model's training step less. :meth:`release` gives the parameters storage of their own again."""
+    clipping and fused AdamW run on a few tensors instead of dozens, the same arithmetic per element. A parameter
+    ``apart`` (the word embedding: thousands of rows, whose fresh gradient autograd hands over without a copy) keeps
+    its own tensor, in a group of its own. :meth:`release` gives the parameters storage of their own again."""
 
-    def __init__(self, groups: list[dict]):
-        self.params = [p for g in groups for p in g["params"]]
-        self.groups = []
+    def __init__(self, groups: list[dict], apart: torch.nn.Parameter | None = None):
+        self.apart, self.groups, self.params = apart, [], []
         for group in groups:
-            flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in group["params"]]))
+            params = [p for p in group["params"] if p is not apart]
+            if len(params) < len(group["params"]):
+                self.groups.append({**group, "params": [apart]})
+            flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
             flat.grad = torch.zeros_like(flat)
             start = 0
-            for p in group["params"]:
+            for p in params:
                 p.data, p.grad = (t[start : start + p.numel()].view_as(p) for t in (flat.data, flat.grad))
                 start += p.numel()
             self.groups.append({**group, "params": [flat]})
+            self.params += params
 
     @property
     def tensors(self) -> list[torch.nn.Parameter]:
         return [g["params"][0] for g in self.groups]
 
     def zero_grad(self) -> None:
-        for flat in self.tensors:
-            flat.grad.zero_()
+        for tensor in self.tensors:
+            if tensor is self.apart:
+                tensor.grad = None
+            else:
+                tensor.grad.zero_()
 
     def release(self) -> None:
         for p in self.params:
@@ -429,7 +436,8 @@ def finetune(pretrained_dir, dataset, meta: dict, label: str, cfg: FinetuneConfi
     # the decay groups of pretraining (matrices and embeddings only), each one flat tensor, in fused AdamW (what the
     # Trainer runs too)
     flat = _FlatGroups([{"params": g["params"], "weight_decay": g["weight_decay"]}
-                        for g in configure_optimizer(model, schedule).param_groups])
+                        for g in configure_optimizer(model, schedule).param_groups],
+                       apart=model.get_input_embeddings().weight)
     optimizer = torch.optim.AdamW(flat.groups, lr=cfg.lr, fused=True)
     weights = parameters_by_name(model)
     train_targets = torch.as_tensor(targets, dtype=torch.long)

@@ -492,7 +492,8 @@ def test_probabilities_side_by_side_equal_those_in_turn(classifier, pbmc):
 
 def test_flat_optimizer_groups_train_as_per_parameter_adamw():
     """Fine-tuning's parameters live in one flat tensor per optimizer group (data and gradients as views): clipping
-    and fused AdamW on the two flat tensors give the weights per-parameter AdamW gives; release() unshares them."""
+    and fused AdamW on them (the word embedding apart) give the weights per-parameter AdamW gives; release() unshares
+    them."""
     from mixgf.classify import _FlatGroups, classifier_logits
 
     ids, labels = torch.tensor([[5, 9, 3, 7], [6, 12, 10, 0]]), torch.tensor([0, 2])
@@ -502,7 +503,8 @@ def test_flat_optimizer_groups_train_as_per_parameter_adamw():
         params = list(model.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        flat = _FlatGroups(groups) if flatten else None
+        apart = model.get_input_embeddings().weight
+        flat = _FlatGroups(groups, apart=apart) if flatten else None
         optimizer = torch.optim.AdamW(flat.groups if flatten else groups, lr=1e-2, fused=True)
         for _ in range(3):
             F.cross_entropy(classifier_logits(model, ids, (ids != 0).long()), labels).backward()
@@ -513,7 +515,8 @@ def test_flat_optimizer_groups_train_as_per_parameter_adamw():
             else:
                 optimizer.zero_grad(set_to_none=True)
         if flatten:
-            assert len({p.untyped_storage().data_ptr() for p in params}) == 2  # views of the two groups
+            assert len({p.untyped_storage().data_ptr() for p in params}) == 3  # two groups' views, the embedding
+            assert len(flat.tensors) == 3 and apart.grad is None
             flat.release()
             assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
             assert all(p.grad is None for p in params)
