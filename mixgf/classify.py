@@ -331,6 +331,8 @@ class _FlatGroups:
             params = [p for p in group["params"] if p is not apart]
             if len(params) < len(group["params"]):
                 self.groups.append({**group, "params": [apart]})
+            if not params:
+                continue
             flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
             flat.grad = torch.zeros_like(flat)
             start = 0

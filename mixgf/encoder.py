@@ -1,6 +1,7 @@
 """BERT's encoder arithmetic with fused QKV, for inference (in silico perturbation, embeddings) and fine-tuning.
 
-- :class:`Encoder` runs a saved model's encoder only as far as one layer, for inference. Geneformer's convention
+- :class:`Encoder` runs a saved model's encoder only as far as one layer, for inference, each layer in an exact
+  but cheaper form (:func:`inference_layer_weights`, residuals accumulated in place). Geneformer's convention
   names the layer (``emb_layer``: 0 the last, -1 the one before, down to ``-num_hidden_layers``, the input
   embeddings). No MLM or classifier head and no pooler run, and the layers above the chosen one are never computed.
   Built from the weight file itself (:func:`mixgf.checkpoint.read_weights`), so that a command which only encodes
@@ -76,10 +77,11 @@ def inference_layer_weights(weights: dict[str, torch.Tensor], i: int) -> dict:
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A CPU dropout mask shaped as ``x``: 0 with probability ``p`` rounded to a multiple of 2^-16 (0.1 -> 0.100006),
     else ``1 / (1 - that probability)``, so the expectation stays exactly 1. Each 64-bit random number gives four
-    16-bit draws, about a quarter of the cost of the ``rand_like`` uniforms (and a tenth of ``bernoulli_``'s) that
-    took a tenth of a small model's training step."""
+    16-bit draws: a third of the cost of a mask from ``rand_like`` uniforms or ``bernoulli_``, which took a tenth of
+    a small model's training step."""
     dropped = round(p * 65536)
-    draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None).view(torch.int16)
+    draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
+    draws = draws.view(torch.int16)
     keep = draws[: x.numel()].view(x.shape) >= dropped - 32768
     return keep.view(torch.uint8).to(x.dtype).mul_(65536 / (65536 - dropped))
 
