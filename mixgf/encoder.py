@@ -161,16 +161,17 @@ def bert_layer(h: torch.Tensor, layer: dict, heads: int, eps: float, act, keys: 
     and every position's key and value: all a pooler on position 0 reads, at a fraction of the work. ``inplace``
     (inference): ``h`` and the layer's intermediates are overwritten (:func:`linear_residual`)."""
     n, length, width = h.shape
+    queries = h[:, :1] if first_only else h
     if "kv" in layer:  # inference_layer_weights
-        q = split_heads(F.linear(h, *layer["q"]), 1, heads)[0]
+        q = split_heads(F.linear(queries, *layer["q"]), 1, heads)[0]
         k, v = split_heads(F.linear(h, layer["kv"]), 2, heads)
     elif first_only:
         weight, bias = layer["qkv"]
-        q = F.linear(h[:, :1], weight[:width], bias[:width]).view(n, 1, heads, -1).transpose(1, 2)
+        q = split_heads(F.linear(queries, weight[:width], bias[:width]), 1, heads)[0]
         k, v = split_heads(F.linear(h, weight[width:], bias[width:]), 2, heads)
-        h, length = h[:, :1], 1
     else:
         q, k, v = split_heads(F.linear(h, *layer["qkv"]), 3, heads)
+    h, length = queries, queries.shape[1]
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=attention_dropout)
     context = context.transpose(1, 2).reshape(n, length, width)
     attended = linear_residual(context, layer["out"], h, dropout, inplace)

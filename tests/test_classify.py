@@ -524,3 +524,17 @@ def test_flat_optimizer_groups_train_as_per_parameter_adamw():
     for k in trained[0]:
         torch.testing.assert_close(trained[1][k], trained[0][k], rtol=1e-5, atol=1e-6, msg=k)
     assert not torch.equal(trained[0]["classifier.weight"], _tiny_classifier(2).state_dict()["classifier.weight"])
+
+
+def test_inference_form_of_a_layer_is_exact_also_at_position_0_alone():
+    """inference_layer_weights (no key bias, value bias folded into the output's) computes what layer_weights does,
+    for every position and for position 0 alone (first_only)."""
+    from mixgf.encoder import ACTIVATIONS, bert_layer, inference_layer_weights, layer_weights
+
+    weights = {name.removeprefix("bert."): p.detach() for name, p in _tiny_classifier(1).named_parameters()}
+    h, keys = torch.randn(3, 7, 16), torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 7]).bool()[:, None, None, :]
+    expected = bert_layer(h, layer_weights(weights, 0), 2, 1e-12, ACTIVATIONS["gelu"], keys)
+    for first_only in (False, True):
+        got = bert_layer(h, inference_layer_weights(weights, 0), 2, 1e-12, ACTIVATIONS["gelu"], keys,
+                         first_only=first_only)
+        torch.testing.assert_close(got, expected[:, :1] if first_only else expected)
