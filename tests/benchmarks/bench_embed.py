@@ -18,7 +18,8 @@ Geneformer's ``EmbExtractor``), run the model under ``torch.no_grad()`` with ``o
 average the chosen layer over the unmasked positions. The loop runs ``BertModel``; with ``--masked-lm`` also
 ``BertForMaskedLM``, how a pretrained checkpoint is loaded (Geneformer's ``EmbExtractor`` too), which computes the
 82,606-way MLM logits of every position as well (about 5 GB a batch of 64 x 256: minutes on a CPU). Each row's time
-is the whole job, model load included, the best of ``rounds`` interleaved runs; the last column is the largest
+is the whole job, model load included, the best of ``rounds`` interleaved runs, with mixgf's rate over each row's
+(of the best rates, and per round: median and range over rounds); the last column is the largest
 absolute difference from mixgf's embeddings (the plain loops run in float32; on a GPU mixgf runs in bf16 autocast,
 its default, so expect ~1e-2 there).
 """
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_finetune import benchmark_cells, checkpoint
+from bench_finetune import benchmark_cells, checkpoint, ratio_table
 from torch.nn.utils.rnn import pad_sequence
 from transformers import BertForMaskedLM, BertModel
 
@@ -88,20 +89,18 @@ def main(argv=None) -> None:
             ("plain loop, BertModel, dataset order, padded per batch", BertModel)]
     if args.masked_lm:
         rows.append(("plain loop, BertForMaskedLM, dataset order, padded per batch", BertForMaskedLM))
-    best, embeddings = np.zeros(len(rows)), [None] * len(rows)
+    rates, embeddings = np.zeros((args.rounds, len(rows))), [None] * len(rows)  # cells/s of the whole job
     with tempfile.TemporaryDirectory() as root:
         model_dir = checkpoint(Path(root) / "model", meta, args.preset, vocab)
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for i, (_, model_class) in enumerate(rows):
                 start = time.perf_counter()
                 if model_class is None:
                     embeddings[i] = run_mixgf(model_dir, dataset, meta, args.layer, args.batch_size)
                 else:
                     embeddings[i] = run_plain(model_dir, dataset, args.layer, args.batch_size, model_class)
-                best[i] = max(best[i], len(dataset) / (time.perf_counter() - start))
-    print("| embedding | cells/s (whole job) | mixgf is | max abs difference |\n|---|---:|---:|---:|")
-    for (name, _), value, emb in zip(rows, best, embeddings):
-        print(f"| {name} | {value:,.1f} | {best[0] / value:.2f}x | {np.abs(emb - embeddings[0]).max():.1e} |")
+                rates[r, i] = len(dataset) / (time.perf_counter() - start)
+    print(ratio_table([name for name, _ in rows], rates, [f"{np.abs(e - embeddings[0]).max():.1e}" for e in embeddings]))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ vocabulary, saved with the config keys mixgf reads) on the same cells and split,
 LR 5e-5, cosine, warmup, weight decay 0.001, batch 12, gradient clipping 1.0, bf16 autocast on a GPU) and the same
 work: ``epochs`` epochs, validation and test cells evaluated after each, the model saved at the end. It reports
 training cells per second of that whole job (``epochs x training cells / wall time``), the best of ``rounds``
-interleaved runs. The Trainer rows are plain random batches (its default) and ``group_by_length`` (what the
+interleaved runs, and how many times mixgf's rate each row's is: of the best rates, and within each round (the
+median and range over rounds: the machine's speed drifts, and a round's rows run minutes apart at most). The Trainer rows are plain random batches (its default) and ``group_by_length`` (what the
 Geneformer and Mix-Geneformer notebooks use). Synthetic cells have log-normal lengths with the median at 45% of
 ``max_len`` (a tenth at the cap), as in bench_pretrain.py; labels are random (throughput only). Synthetic genes are
 drawn uniformly from all 82,606, so the cells hold most of them: the worst case for mixgf, which trains only the
@@ -77,6 +78,19 @@ def checkpoint(out: Path, meta: dict, preset: str, vocab) -> Path:
     BertForMaskedLM(config).save_pretrained(out)
     vocab.write(out / "vocab.tsv")
     return out
+
+
+def ratio_table(names: list[str], rates: np.ndarray, extra: list[str] | None = None) -> str:
+    """A Markdown table of ``rates`` (rounds x rows, row 0 mixgf's): each row's best rate, mixgf's best over it, and
+    mixgf's rate over the row's in the same round (median, min-max over rounds); ``extra``: a last column's cells."""
+    best, per_round = rates.max(0), rates[:, :1] / rates
+    head = "| | cells/s (best) | mixgf is (best / best) | mixgf is, per round: median (min-max) |"
+    lines = [head + (" max abs difference |" if extra else ""), "|---|---:|---:|---:|" + ("---:|" if extra else "")]
+    for i, name in enumerate(names):
+        cells = [f"{best[i]:,.1f}", f"{best[0] / best[i]:.2f}x",
+                 f"{np.median(per_round[:, i]):.2f}x ({per_round[:, i].min():.2f}-{per_round[:, i].max():.2f})"]
+        lines.append(f"| {name} | " + " | ".join(cells + ([extra[i]] if extra else [])) + " |")
+    return "\n".join(lines)
 
 
 def run_mixgf(pretrained: Path, dataset, meta, label: str, cfg: FinetuneConfig) -> float:
@@ -163,19 +177,16 @@ def main(argv=None) -> None:
     rows = [("mixgf finetune (length-grouped, dynamic padding)", "mixgf"),
             ("Trainer + DataCollatorWithPadding, random batches", "random"),
             ("Trainer + DataCollatorWithPadding, group_by_length", "grouped")]
-    best = np.zeros(len(rows))
+    rates = np.zeros((args.rounds, len(rows)))  # training cells/s of the whole job
     with tempfile.TemporaryDirectory() as root:
         pretrained = checkpoint(Path(root) / "pretrained", meta, args.preset, vocab)
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for i, (_, kind) in enumerate(rows):
                 if kind == "mixgf":
-                    value = run_mixgf(pretrained, dataset, meta, args.label, cfg)
+                    rates[r, i] = run_mixgf(pretrained, dataset, meta, args.label, cfg)
                 else:
-                    value = run_trainer(pretrained, dataset, args.label, cfg, vocab, grouped=kind == "grouped")
-                best[i] = max(best[i], value)
-    print("| fine-tuning | training cells/s (whole job) | mixgf is |\n|---|---:|---:|")
-    for (name, _), value in zip(rows, best):
-        print(f"| {name} | {value:,.1f} | {best[0] / value:.2f}x |")
+                    rates[r, i] = run_trainer(pretrained, dataset, args.label, cfg, vocab, grouped=kind == "grouped")
+    print(ratio_table([name for name, _ in rows], rates))
 
 
 if __name__ == "__main__":
