@@ -100,7 +100,8 @@ def main(argv=None) -> None:
                 else:
                     embeddings[i] = run_plain(model_dir, dataset, args.layer, args.batch_size, model_class)
                 rates[r, i] = len(dataset) / (time.perf_counter() - start)
-    print(ratio_table([name for name, _ in rows], rates, [f"{np.abs(e - embeddings[0]).max():.1e}" for e in embeddings]))
+    differences = [f"{np.abs(e - embeddings[0]).max():.1e}" for e in embeddings]
+    print(ratio_table([name for name, _ in rows], rates, differences))
 
 
 if __name__ == "__main__":

@@ -8,17 +8,17 @@ mixgf itself does not). Run from the repository root, e.g.::
     python tests/benchmarks/bench_finetune.py --tokens data/finetune/human_Immune --vocab data/vocab.tsv
 
 Every row fine-tunes the same model (a ``BertForMaskedLM`` checkpoint of the ``--preset`` size on the 82,606-gene
-vocabulary, saved with the config keys mixgf reads) on the same cells and split, with the same settings (SPEC §5:
-LR 5e-5, cosine, warmup, weight decay 0.001, batch 12, gradient clipping 1.0, bf16 autocast on a GPU) and the same
+vocabulary, saved with the config keys mixgf reads) on the same cells and split, with the same settings (SPEC §5: LR
+5e-5, cosine, warmup, weight decay 0.001, batch 12, gradient clipping 1.0, bf16 autocast on a GPU) and the same
 work: ``epochs`` epochs, validation and test cells evaluated after each, the model saved at the end. It reports
 training cells per second of that whole job (``epochs x training cells / wall time``), the best of ``rounds``
-interleaved runs, and how many times mixgf's rate each row's is: of the best rates, and within each round (the
-median and range over rounds: the machine's speed drifts, and a round's rows run minutes apart at most). The Trainer rows are plain random batches (its default) and ``group_by_length`` (what the
-Geneformer and Mix-Geneformer notebooks use). Synthetic cells have log-normal lengths with the median at 45% of
-``max_len`` (a tenth at the cap), as in bench_pretrain.py; labels are random (throughput only). Synthetic genes are
-drawn uniformly from all 82,606, so the cells hold most of them: the worst case for mixgf, which trains only the
-embedding rows of the cells' genes (a real dataset of one species holds at most that species' rows); ``--tokens``
-measures real cells.
+interleaved runs, and mixgf's rate over each row's: of the best rates, and within each round (median and range over
+rounds: the machine's speed drifts, and a round's rows run minutes apart at most). The Trainer rows are plain random
+batches (its default) and ``group_by_length`` (what the Geneformer and Mix-Geneformer notebooks use). Synthetic
+cells have log-normal lengths with the median at 45% of ``max_len`` (a tenth at the cap), as in bench_pretrain.py;
+labels are random (throughput only). Synthetic genes are drawn uniformly from all 82,606, so the cells hold most of
+them: the worst case for mixgf, which trains only the embedding rows of the cells' genes (a real dataset of one
+species holds at most that species' rows); ``--tokens`` measures real cells.
 """
 
 from __future__ import annotations
