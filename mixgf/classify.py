@@ -36,10 +36,11 @@ import torch.nn.functional as F
 
 from mixgf.checkpoint import (VOCAB_FILE, default_device, length_limit, model_vocab, token_column, warn_truncation,
                               with_identity)
-from mixgf.collate import length_grouped_batches, pad_ragged
+from mixgf.collate import length_grouped_batches
 from mixgf.encoder import (ACTIVATIONS, bert_layer, check_architecture, embeddings, key_mask, layer_weights,
                            map_batches)
 from mixgf.io import atomic_dir, write_json_atomic
+from mixgf.padding import pad_ragged
 from mixgf.pretrain import configure_optimizer, lr_at
 from mixgf.stats import accuracy, macro_f1
 from mixgf.vocab import GeneVocab

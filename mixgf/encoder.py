@@ -113,6 +113,10 @@ def linear_residual(x: torch.Tensor, weight_bias: tuple[torch.Tensor, torch.Tens
     return dropout_add(F.linear(x, weight, bias), residual, dropout)
 
 
+def _heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    return x.view(*x.shape[:2], parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class _SplitHeads(torch.autograd.Function):
     """(N, L, parts x heads x d) -> ``parts`` views (N, heads, L, d): query, key and value of a fused projection.
     Its backward writes each part's gradient straight into its slice of one buffer (autograd's own stacks them,
@@ -122,7 +126,7 @@ class _SplitHeads(torch.autograd.Function):
     def forward(ctx, x, parts: int, heads: int):
         n, length, width = x.shape
         ctx.shape, ctx.like = (n, length, parts, heads, width // (parts * heads)), {"dtype": x.dtype, "device": x.device}
-        return x.view(ctx.shape).permute(2, 0, 3, 1, 4).unbind(0)
+        return _heads(x, parts, heads)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -137,7 +141,7 @@ def split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, 
     L, d), no copy."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _SplitHeads.apply(x, parts, heads)
-    return x.view(*x.shape[:2], parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return _heads(x, parts, heads)
 
 
 def embeddings(input_ids: torch.Tensor, weights: dict[str, torch.Tensor], eps: float, *, padding_idx=None,

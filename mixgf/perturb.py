@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from mixgf.checkpoint import default_device, length_limit, model_vocab, read_config, token_column, warn_truncation
 from mixgf.encoder import Encoder, load_encoder, map_batches
+from mixgf.padding import pad_batch
 from mixgf.pooling import mean_pool
 from mixgf.tokens import cells_species
 from mixgf.vocab import GeneVocab
@@ -139,12 +140,8 @@ def perturbed_blocks(cell: int, ids: np.ndarray, mode: str, genes: np.ndarray | 
 # ---------------------------------------------------------------------------------------------------------------
 
 def _padded(sequences, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = np.zeros((len(sequences), width), np.int64)  # <pad> = 0
-    for r, s in enumerate(sequences):
-        ids[r, : len(s)] = s
-    ids = torch.from_numpy(ids).to(device)
-    return ids, (ids != GeneVocab.pad_id).long()
+    input_ids, mask = pad_batch(sequences)
+    return input_ids.to(device), mask.to(device)
 
 
 def _hidden_states(encoder: Encoder, sequences: list[np.ndarray], batch_size: int) -> list[torch.Tensor]:

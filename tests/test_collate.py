@@ -6,7 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixgf.collate import MLMCollator, PretrainBatches, length_grouped_batches, pad_batch
+from mixgf.collate import MLMCollator, PretrainBatches, length_grouped_batches
+from mixgf.padding import pad_batch
 from mixgf.model import IGNORE_INDEX
 from mixgf.vocab import default_vocab
 

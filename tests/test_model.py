@@ -180,7 +180,7 @@ def ortholog_batch(n: int = 6) -> dict[str, torch.Tensor]:
     batch = tiny_batch(n)
     g = torch.Generator().manual_seed(1)
     rendered = [torch.randint(2, len(VOCAB), (length,), generator=g) for length in [5, 9, 3, 12, 7]] + [torch.zeros(0)]
-    from mixgf.collate import pad_batch
+    from mixgf.padding import pad_batch
     batch["ortholog_input_ids"], batch["ortholog_attention_mask"] = pad_batch(rendered)
     return batch
 
