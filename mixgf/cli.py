@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tokens", help="token dataset made with the classifier's vocabulary")
     p.add_argument("--out", required=True, help="CSV: cell_index, the obs columns, predicted, probability")
     p.add_argument("--label", help="obs column of true labels: print accuracy and macro-F1, write OUT.json")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="cells per batch (default: 16 on a CPU, 64 on a GPU)")
     p.add_argument("--vocab", help="vocabulary of a classifier whose config records none")
     p.add_argument("--correspondence", help="CSV with columns mouse, human (corresponding cell types): score cells "
                    "of the other species than the classifier's by their counterpart type")

@@ -155,29 +155,56 @@ def embeddings(input_ids: torch.Tensor, weights: dict[str, torch.Tensor], eps: f
     return apply_dropout(h, dropout)
 
 
+def first_position_context(h: torch.Tensor, first: torch.Tensor, layer: dict, heads: int, keys: torch.Tensor | None,
+                           attention_dropout: float = 0.0) -> torch.Tensor:
+    """The self-attention context of position 0 alone, (N, 1, H), without projecting any other position's key or
+    value. A head's query ``q`` scores position j as ``q . (W_k x_j + b_k) = (W_k^T q) . x_j + q . b_k``, and the
+    last term, the same for every j, is ignored by softmax; its output is ``sum_j p_j (W_v x_j + b_v) = W_v
+    (sum_j p_j x_j) + b_v sum_j p_j``. So each head scores the hidden states themselves against ``W_k^T q`` and
+    projects their weighted mean once: 2 x heads x H multiply-adds a position instead of the 2 H^2 of its key and
+    value projections. Exact up to float rounding; the key bias gets no gradient (its true gradient is 0). ``first``:
+    ``h[:, :1]``, the very view the caller's residual connection reads, so that autograd scatters one gradient back
+    into ``h``, not two."""
+    n, length, width = h.shape
+    d = width // heads
+    if "kv" in layer:  # inference_layer_weights: no key bias, the value bias is in the output's
+        (q_weight, q_bias), (k_weight, v_weight), v_bias = layer["q"], layer["kv"].split(width), None
+    else:
+        weight, bias = layer["qkv"]
+        (q_weight, k_weight, v_weight), (q_bias, _, v_bias) = weight.split(width), bias.split(width)
+    q = F.linear(first, q_weight, q_bias).view(n, heads, d)
+    probe = torch.einsum("nhd,hdw->nhw", q, k_weight.view(heads, d, width)) * d ** -0.5
+    scores = torch.bmm(probe, h.transpose(1, 2))  # (N, heads, L)
+    if keys is not None:
+        scores = scores.masked_fill(~keys.view(n, 1, length), float("-inf"))
+    p = apply_dropout(torch.softmax(scores, -1), attention_dropout)
+    context = torch.einsum("nhw,hdw->nhd", torch.bmm(p, h), v_weight.view(heads, d, width))
+    if v_bias is not None:
+        context = context + v_bias.view(heads, d) * p.sum(-1, keepdim=True)
+    return context.reshape(n, 1, width)
+
+
 def bert_layer(h: torch.Tensor, layer: dict, heads: int, eps: float, act, keys: torch.Tensor | None, *,
                dropout: float = 0.0, attention_dropout: float = 0.0, first_only: bool = False,
                inplace: bool = False) -> torch.Tensor:
     """One ``BertLayer`` on hidden states ``h`` (N, L, H), SDPA attention on strided views of the fused QKV (no
     copy; about 10% faster on CPU than contiguous heads). ``layer``: :func:`layer_weights`, or for inference
     :func:`inference_layer_weights`. ``keys``: a boolean (N, 1, 1, L) mask of the positions
-    attended to, ``None`` without padding. ``first_only``: the output at position 0 alone (N, 1, H), from its query
-    and every position's key and value: all a pooler on position 0 reads, at a fraction of the work. ``inplace``
-    (inference): ``h`` and the layer's intermediates are overwritten (:func:`linear_residual`)."""
+    attended to, ``None`` without padding. ``first_only``: the output at position 0 alone (N, 1, H), all a pooler on
+    position 0 reads, at a fraction of the work (:func:`first_position_context`). ``inplace`` (inference): ``h`` and
+    the layer's intermediates are overwritten (:func:`linear_residual`)."""
     n, length, width = h.shape
-    queries = h[:, :1] if first_only else h
-    if "kv" in layer:  # inference_layer_weights
-        q = split_heads(F.linear(queries, *layer["q"]), 1, heads)[0]
-        k, v = split_heads(F.linear(h, layer["kv"]), 2, heads)
-    elif first_only:
-        weight, bias = layer["qkv"]
-        q = split_heads(F.linear(queries, weight[:width], bias[:width]), 1, heads)[0]
-        k, v = split_heads(F.linear(h, weight[width:], bias[width:]), 2, heads)
+    if first_only:
+        first = h[:, :1]
+        context, h = first_position_context(h, first, layer, heads, keys, attention_dropout), first
     else:
-        q, k, v = split_heads(F.linear(h, *layer["qkv"]), 3, heads)
-    h, length = queries, queries.shape[1]
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=attention_dropout)
-    context = context.transpose(1, 2).reshape(n, length, width)
+        if "kv" in layer:  # inference_layer_weights
+            q = split_heads(F.linear(h, *layer["q"]), 1, heads)[0]
+            k, v = split_heads(F.linear(h, layer["kv"]), 2, heads)
+        else:
+            q, k, v = split_heads(F.linear(h, *layer["qkv"]), 3, heads)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=attention_dropout)
+        context = context.transpose(1, 2).reshape(n, length, width)
     attended = linear_residual(context, layer["out"], h, dropout, inplace)
     attended = F.layer_norm(attended, (width,), *layer["norm1"], eps)
     out = linear_residual(act(F.linear(attended, *layer["up"])), layer["down"], attended, dropout, inplace)

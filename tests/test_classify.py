@@ -538,3 +538,49 @@ def test_inference_form_of_a_layer_is_exact_also_at_position_0_alone():
         got = bert_layer(h, inference_layer_weights(weights, 0), 2, 1e-12, ACTIVATIONS["gelu"], keys,
                          first_only=first_only)
         torch.testing.assert_close(got, expected[:, :1] if first_only else expected)
+
+
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.4])
+def test_first_position_context_is_position_0s_attention_without_the_others_keys(attention_dropout):
+    """first_position_context scores the hidden states against W_k^T q and projects their weighted mean once: the
+    attention output of position 0 computed as BERT does (keys and values of every position), padded keys masked,
+    with the same dropout of the attention weights (the same random mask: the generator seeded alike)."""
+    from mixgf.encoder import apply_dropout, first_position_context, inference_layer_weights, layer_weights
+
+    weights = {name.removeprefix("bert."): p.detach() for name, p in _tiny_classifier(1).named_parameters()}
+    layer = layer_weights(weights, 0)
+    h = torch.randn(3, 7, 16)
+    keys = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5]).bool()[:, None, None, :]
+    q, k, v = F.linear(h, *layer["qkv"]).view(3, 7, 3, 2, 8).permute(2, 0, 3, 1, 4)  # (N, heads, L, d) each
+    scores = (q[:, :, :1] @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~keys, float("-inf"))
+    torch.manual_seed(5)
+    p = apply_dropout(torch.softmax(scores, -1), attention_dropout)
+    expected = (p @ v).transpose(1, 2).reshape(3, 1, 16)
+    torch.manual_seed(5)
+    torch.testing.assert_close(first_position_context(h, h[:, :1], layer, 2, keys, attention_dropout), expected)
+    if not attention_dropout:  # the inference form: no key bias, the value bias in the output projection's
+        value_bias = layer["qkv"][1][32:]
+        got = first_position_context(h, h[:, :1], inference_layer_weights(weights, 0), 2, keys)
+        torch.testing.assert_close(got + value_bias, expected)
+
+
+def test_batches_by_length_are_the_same_whatever_the_chunk_read_at_once(pbmc):
+    """_Cells.by_length gathers the tokens a chunk of cells at a time: every chunk size gives the same batches, in
+    the same order, each cell's genes in place."""
+    from mixgf.classify import _Cells
+
+    dataset, _ = load_tokens(pbmc[0])
+    cells = _Cells(dataset, MAX_LEN, MAX_LEN, 8, torch.device("cpu"))
+    rows = np.random.default_rng(0).permutation(len(dataset))[:100]
+    runs = [list(cells.by_length(rows, 7, chunk=chunk)) for chunk in (1, 14, 20, 10_000)]
+    for run in runs[1:]:
+        assert len(run) == len(runs[0]) == 15
+        for (where, (ids, mask)), (where0, (ids0, mask0)) in zip(run, runs[0]):
+            np.testing.assert_array_equal(where, where0)
+            assert torch.equal(ids, ids0) and torch.equal(mask, mask0)
+    where, (ids, mask) = runs[0][3]
+    for i, row in enumerate(rows[where]):
+        genes = dataset[int(row)]["input_ids"][:MAX_LEN]
+        assert ids[i, : len(genes)].tolist() == genes and int(mask[i].sum()) == len(genes)
+    lengths = [int(mask.sum(1).max()) for _, (_, mask) in runs[0]]
+    assert lengths == sorted(lengths, reverse=True)  # longest first
