@@ -146,11 +146,11 @@ def split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, 
 
 def embeddings(input_ids: torch.Tensor, weights: dict[str, torch.Tensor], eps: float, *, padding_idx=None,
                dropout: float = 0.0) -> torch.Tensor:
-    """``BertEmbeddings`` (token type 0, positions 0..L-1) in its order of additions; ``padding_idx``: the word
-    embedding row that gets no gradient, as ``nn.Embedding``'s."""
-    word = F.embedding(input_ids, weights["embeddings.word_embeddings.weight"], padding_idx)
-    h = (word + weights["embeddings.token_type_embeddings.weight"][0]
-         + weights["embeddings.position_embeddings.weight"][: input_ids.shape[1]])
+    """``BertEmbeddings`` (token type 0, positions 0..L-1) in its order of additions, into the looked-up rows
+    (a fresh tensor) in place; ``padding_idx``: the word embedding row that gets no gradient, as ``nn.Embedding``'s."""
+    h = F.embedding(input_ids, weights["embeddings.word_embeddings.weight"], padding_idx)
+    h = h.add_(weights["embeddings.token_type_embeddings.weight"][0]).add_(
+        weights["embeddings.position_embeddings.weight"][: input_ids.shape[1]])
     h = F.layer_norm(h, h.shape[-1:], weights["embeddings.LayerNorm.weight"], weights["embeddings.LayerNorm.bias"], eps)
     return apply_dropout(h, dropout)
 
