@@ -139,7 +139,8 @@ class FinetuneConfig:
       the model's). The classifier then records it as its ``max_len``.
     - ``min_fraction`` 0.005, ``test_fraction`` 0.2: the paper's split; ``val_fraction`` 0.1 (ours) of the training
       part picks the best epoch (see :func:`split_cells`).
-    - ``eval_batch_size``: cells per batch when evaluating; ``None``: :func:`inference_batch_size`.
+    - ``eval_batch_size`` 64: at most this many cells a batch when evaluating (no gradients, so larger; on a CPU
+      also at most :func:`batch_tokens` tokens).
     """
 
     lr: float = 5e-5
@@ -157,13 +158,13 @@ class FinetuneConfig:
     min_fraction: float = 0.005
     test_fraction: float = 0.2
     val_fraction: float = 0.1
-    eval_batch_size: int | None = None
+    eval_batch_size: int = 64
 
     def __post_init__(self):
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
         for name in ("epochs", "batch_size", "megabatch", "pad_to_multiple_of", "eval_batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or not 0 <= self.warmup_fraction <= 1:
             raise ValueError(f"need warmup_steps >= 0 and 0 <= warmup_fraction <= 1, got {self.warmup_steps}, "
@@ -242,18 +243,25 @@ class _Cells:
         input_ids, mask = pad_ragged(values, starts, lengths, self.multiple, self.positions, self.table)
         return (input_ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
 
-    def by_length(self, rows: np.ndarray, batch_size: int, chunk: int = 8192):
-        """``rows`` longest first, in batches: (positions into ``rows``, batch) pairs. The tokens are gathered from
-        the Arrow column ``chunk`` cells at a time, not a batch at a time: the gather's fixed cost, paid per call, was
-        most of the time spent building batches, on the thread that feeds the cores."""
+    def by_length(self, rows: np.ndarray, batch_size: int, max_tokens: int | None = None, chunk: int = 8192):
+        """``rows`` longest first, in batches of at most ``batch_size`` cells and, with ``max_tokens``, at most that
+        many tokens, counted as cells x the longest cell's genes (one cell at least): (positions into ``rows``, batch)
+        pairs. The tokens are gathered from the Arrow column for whole batches of about ``chunk`` cells at once, not a
+        batch at a time: the gather's fixed cost, paid per call, was most of the time spent building batches, on the
+        thread that feeds the cores."""
         order = np.argsort(-self.lengths[rows], kind="stable")
-        chunk = max(chunk // batch_size, 1) * batch_size
-        for first in range(0, len(rows), chunk):
-            part = order[first : first + chunk]
+        longest, edges = self.lengths[rows][order], [0]
+        while edges[-1] < len(order):
+            size = batch_size if max_tokens is None else min(batch_size, max(max_tokens // int(longest[edges[-1]]), 1))
+            edges.append(min(edges[-1] + size, len(order)))
+        edges, first = np.asarray(edges), 0
+        while first < len(edges) - 1:
+            last = max(int(np.searchsorted(edges, edges[first] + chunk, side="right")) - 1, first + 1)
+            part = order[edges[first] : edges[last]]
             values, starts, lengths = self._ragged(rows[part])
-            for start in range(0, len(part), batch_size):
-                cut = slice(start, start + batch_size)
-                yield part[cut], self._padded(values, starts[cut], lengths[cut])
+            for lo, hi in zip(edges[first:last] - edges[first], edges[first + 1 : last + 1] - edges[first]):
+                yield part[lo:hi], self._padded(values, starts[lo:hi], lengths[lo:hi])
+            first = last
 
 
 def parameters_by_name(model) -> dict[str, torch.Tensor]:
@@ -283,17 +291,22 @@ def classifier_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return model.classifier(model.dropout(pooled))
 
 
-def inference_batch_size(device: torch.device) -> int:
-    """Cells per batch when classifying without gradients: 64 on a GPU; 16 on a CPU, where a batch's activations
-    then stay in the caches (on the demo's Heart cells, 1 and 2 threads, 20-30% faster than batches of 64)."""
-    return 64 if device.type == "cuda" else 16
+def batch_tokens(device: torch.device, max_tokens: int | None = None) -> int | None:
+    """The most tokens (cells x the longest cell's genes) a batch holds when running a model without gradients:
+    ``max_tokens`` if given, else 4,096 on a CPU, where a batch's activations then stay in the caches (on demo cells
+    7-29% faster than 64 cells a batch at 1 and 2 threads: 16 cells of 256 genes, 32 of 128; see the README's
+    performance section), and no limit on a GPU."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    return max_tokens or (None if device.type == "cuda" else 4096)
 
 
-def _probabilities(model, cells: _Cells, rows: np.ndarray, batch_size: int | None, autocast) -> np.ndarray:
+def _probabilities(model, cells: _Cells, rows: np.ndarray, batch_size: int, autocast,
+                   max_tokens: int | None = None) -> np.ndarray:
     """Class probabilities (len(rows), n_labels), float32, in the order of ``rows``; batches side by side on a
-    CPU's cores (:func:`mixgf.encoder.map_batches`); ``batch_size`` ``None``: :func:`inference_batch_size`."""
+    CPU's cores (:func:`mixgf.encoder.map_batches`), each of at most ``batch_size`` cells and
+    :func:`batch_tokens` tokens."""
     model.eval()
-    batch_size = batch_size or inference_batch_size(cells.device)
     out = np.empty((len(rows), model.config.num_labels), np.float32)
     weights = parameters_by_name(model)
 
@@ -303,7 +316,8 @@ def _probabilities(model, cells: _Cells, rows: np.ndarray, batch_size: int | Non
             logits = classifier_logits(model, input_ids, mask, weights)
         return where, torch.softmax(logits.float(), -1).cpu().numpy()
 
-    for where, probs in map_batches(probabilities, cells.by_length(rows, batch_size), cells.device):
+    batches = cells.by_length(rows, batch_size, batch_tokens(cells.device, max_tokens))
+    for where, probs in map_batches(probabilities, batches, cells.device):
         out[where] = probs
     return out
 
@@ -529,16 +543,16 @@ def finetune(pretrained_dir, dataset, meta: dict, label: str, cfg: FinetuneConfi
 # prediction
 # ---------------------------------------------------------------------------------------------------------------
 
-def predict(classifier_dir, dataset, meta: dict, *, batch_size: int | None = None, dtype: str = "bfloat16",
-            vocab: GeneVocab | None = None, source: str = "the token dataset") -> pd.DataFrame:
+def predict(classifier_dir, dataset, meta: dict, *, batch_size: int = 64, max_tokens: int | None = None,
+            dtype: str = "bfloat16", vocab: GeneVocab | None = None, source: str = "the token dataset") -> pd.DataFrame:
     """The classifier's prediction for every cell of a token dataset, in dataset order.
 
     Columns: ``cell_index`` (row in the dataset), the dataset's obs columns (all but ``input_ids`` and ``length``),
     ``predicted`` (label) and ``probability`` (of that label). The tokens must share the classifier's vocabulary
     (``ValueError`` otherwise); medians are checked only for species the model was trained on, so a classifier
     fine-tuned on mouse cells runs on human cells of the same vocabulary. ``vocab`` stands in for a classifier whose
-    config records no vocabulary. Cells are batched longest first (less padding), ``batch_size`` at a time (``None``:
-    :func:`inference_batch_size`); ``dtype`` is the autocast dtype on GPUs.
+    config records no vocabulary. Cells are batched longest first (less padding), at most ``batch_size`` cells and
+    :func:`batch_tokens` tokens (``max_tokens``) at a time; ``dtype`` is the autocast dtype on GPUs.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -550,7 +564,7 @@ def predict(classifier_dir, dataset, meta: dict, *, batch_size: int | None = Non
     device = default_device()
     model.to(device)
     cells = _Cells(dataset, limit, config.max_position_embeddings, 8, device)
-    probs = _probabilities(model, cells, np.arange(len(dataset)), batch_size, _autocast(device, dtype))
+    probs = _probabilities(model, cells, np.arange(len(dataset)), batch_size, _autocast(device, dtype), max_tokens)
     best = probs.argmax(1)
     obs = [c for c in dataset.column_names if c not in TOKEN_COLUMNS]
     frame = dataset.select_columns(obs).to_pandas() if obs else pd.DataFrame(index=range(len(dataset)))

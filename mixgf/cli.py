@@ -140,8 +140,8 @@ def _predict(args) -> None:
     dataset, meta = load_tokens(args.tokens)
     if args.label and args.label not in dataset.column_names:
         raise ValueError(f"{args.tokens} has no column {args.label!r}; its columns are {dataset.column_names}")
-    frame = predict(args.classifier, dataset, meta, batch_size=args.batch_size, source=str(args.tokens),
-                    vocab=load_vocab(args.vocab) if args.vocab else None)
+    frame = predict(args.classifier, dataset, meta, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                    source=str(args.tokens), vocab=load_vocab(args.vocab) if args.vocab else None)
     write_text_atomic(args.out, frame.to_csv(index=False))
     print(f"{len(frame):,} cells -> {args.out}", file=sys.stderr)
     if not args.label:
@@ -248,11 +248,13 @@ def _embed(args) -> None:
             raise ValueError(f"{path}: name the species of its cells (--species human or mouse) to tokenize them")
         adata = ad.read_h5ad(path)
         embed_anndata(adata, args.model, species=args.species, layer=args.layer, batch_size=args.batch_size,
-                      medians=args.medians, counts=args.counts, gene_column=args.gene_column)
+                      max_tokens=args.max_tokens, medians=args.medians, counts=args.counts,
+                      gene_column=args.gene_column)
     else:
         dataset, meta = load_tokens(path)
         embedding = embed_cells(args.model, dataset, meta, layer=args.layer, batch_size=args.batch_size,
-                                vocab=load_vocab(args.vocab) if args.vocab else None, source=str(path))
+                                max_tokens=args.max_tokens, vocab=load_vocab(args.vocab) if args.vocab else None,
+                                source=str(path))
         obs = dataset.select_columns([c for c in dataset.column_names if c not in ("input_ids", "length")]).to_pandas()
         obs.index = obs.pop("cell_id").astype(str) if "cell_id" in obs else obs.index.astype(str)
         adata = ad.AnnData(obs=obs, obsm={"X_mixgf": embedding})
@@ -411,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tokens", help="token dataset made with the classifier's vocabulary")
     p.add_argument("--out", required=True, help="CSV: cell_index, the obs columns, predicted, probability")
     p.add_argument("--label", help="obs column of true labels: print accuracy and macro-F1, write OUT.json")
-    p.add_argument("--batch-size", type=int, help="cells per batch (default: 16 on a CPU, 64 on a GPU)")
+    p.add_argument("--batch-size", type=int, default=64, help="at most this many cells a batch")
+    p.add_argument("--max-tokens", type=int, help="at most this many padded tokens a batch (default: 4,096 on a CPU, "
+                   "no limit on a GPU)")
     p.add_argument("--vocab", help="vocabulary of a classifier whose config records none")
     p.add_argument("--correspondence", help="CSV with columns mouse, human (corresponding cell types): score cells "
                    "of the other species than the classifier's by their counterpart type")
@@ -441,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--medians", help="gene median TSV for an .h5ad input (default: the bundled ones)")
     p.add_argument("--counts", default="X", help="count matrix of an .h5ad input: X, raw, or a layer name")
     p.add_argument("--gene-column", help="var column of an .h5ad input holding gene ids")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="at most this many cells a batch")
+    p.add_argument("--max-tokens", type=int, help="at most this many padded tokens a batch (default: 4,096 on a CPU, "
+                   "no limit on a GPU)")
     p.add_argument("--vocab", help="vocabulary of a model whose config records none")
     p.set_defaults(func=_embed)
 

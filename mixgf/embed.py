@@ -14,20 +14,22 @@ import numpy as np
 import torch
 
 from mixgf.checkpoint import VOCAB_FILE, default_device, length_limit, read_config, token_column, warn_truncation
-from mixgf.classify import _autocast, _Cells
+from mixgf.classify import _autocast, _Cells, batch_tokens
 from mixgf.encoder import load_encoder, map_batches
 from mixgf.pooling import mean_pool
 from mixgf.vocab import GeneVocab
 
 
-def embed_cells(model_dir, dataset, meta: dict, *, layer: int = 0, batch_size: int = 64, dtype: str = "bfloat16",
-                vocab: GeneVocab | None = None, source: str = "the token dataset") -> np.ndarray:
+def embed_cells(model_dir, dataset, meta: dict, *, layer: int = 0, batch_size: int = 64,
+                max_tokens: int | None = None, dtype: str = "bfloat16", vocab: GeneVocab | None = None,
+                source: str = "the token dataset") -> np.ndarray:
     """(n_cells, hidden) float32 embeddings of a token dataset's cells, in dataset order.
 
     A cell's embedding is the mean over its genes (non-pad positions) of the hidden states of one layer: ``layer`` 0
     is the last layer, -1 the one before, down to ``-num_hidden_layers`` (the input embeddings), as Geneformer's
     ``emb_layer``. The tokens are checked against the model (vocabulary, medians, length: ``ValueError``); ``vocab``
-    stands in for a model whose config records none. Batched longest first; only the layers up to ``layer`` run
+    stands in for a model whose config records none. Batched longest first, at most ``batch_size`` cells and
+    :func:`mixgf.classify.batch_tokens` tokens (``max_tokens``) a batch; only the layers up to ``layer`` run
     (:class:`mixgf.encoder.Encoder`); bf16 autocast on a GPU (``dtype``).
     """
     model_dir = Path(model_dir)
@@ -47,17 +49,20 @@ def embed_cells(model_dir, dataset, meta: dict, *, layer: int = 0, batch_size: i
             hidden = encoder(input_ids, mask)
         return where, mean_pool(hidden.float(), mask).cpu().numpy()
 
-    for where, pooled in map_batches(pool, cells.by_length(np.arange(len(dataset)), batch_size), device):
+    batches = cells.by_length(np.arange(len(dataset)), batch_size, batch_tokens(device, max_tokens))
+    for where, pooled in map_batches(pool, batches, device):
         out[where] = pooled
     return out
 
 
-def embed_anndata(adata, model_dir, *, species: str, layer: int = 0, batch_size: int = 64, medians=None,
-                  key_added: str = "X_mixgf", copy: bool = False, **tokenize_kwargs):
+def embed_anndata(adata, model_dir, *, species: str, layer: int = 0, batch_size: int = 64,
+                  max_tokens: int | None = None, medians=None, key_added: str = "X_mixgf", copy: bool = False,
+                  **tokenize_kwargs):
     """Embed the cells of ``adata`` (raw counts) with the model in ``model_dir``; sets ``adata.obsm[key_added]``.
 
     The cells are rank-value encoded with the model's vocabulary (``model_dir/vocab.tsv``), ``medians`` (default:
-    the bundled ones of ``species``) and the model's maximum length, then embedded by :func:`embed_cells`.
+    the bundled ones of ``species``) and the model's maximum length, then embedded by :func:`embed_cells`
+    (``layer``, ``batch_size``, ``max_tokens``).
     ``.obsm[key_added]`` has one row per cell of ``adata``, NaN for cells the tokenizer drops (no counts, no
     vocabulary gene, ``filter_pass`` != 1); ``.uns[key_added]`` records the model, layer and number of such cells.
     ``tokenize_kwargs`` go to :func:`mixgf.tokenize.tokenize_files` (e.g. ``counts="raw"``, ``gene_column``).
@@ -80,7 +85,8 @@ def embed_anndata(adata, model_dir, *, species: str, layer: int = 0, batch_size:
                        medians=load_medians(species, medians), max_len=config.max_len or config.max_position_embeddings,
                        progress=False, **tokenize_kwargs)
         dataset, meta = load_tokens(Path(tmp) / "tokens")
-        embedding = embed_cells(model_dir, dataset, meta, layer=layer, batch_size=batch_size, source=str(path))
+        embedding = embed_cells(model_dir, dataset, meta, layer=layer, batch_size=batch_size, max_tokens=max_tokens,
+                                source=str(path))
         rows = np.asarray(dataset["cell_id"]).astype(int)
     full = np.full((adata.n_obs, embedding.shape[1]), np.nan, np.float32)
     full[rows] = embedding

@@ -584,3 +584,27 @@ def test_batches_by_length_are_the_same_whatever_the_chunk_read_at_once(pbmc):
         assert ids[i, : len(genes)].tolist() == genes and int(mask[i].sum()) == len(genes)
     lengths = [int(mask.sum(1).max()) for _, (_, mask) in runs[0]]
     assert lengths == sorted(lengths, reverse=True)  # longest first
+
+
+def test_batches_hold_at_most_max_tokens_and_keep_the_longest_first_order():
+    """With a token budget a batch takes as many cells as fit it (its longest cell's length times the cells, one cell
+    at least, batch_size at most): the same cells in the same order as batches of a fixed size, whatever the chunk of
+    cells whose tokens are read at once."""
+    from mixgf.classify import _Cells
+
+    lengths = np.random.default_rng(0).permutation(np.arange(1, 61))
+    cells = [list(range(2, 2 + n)) for n in lengths]
+    dataset = datasets.Dataset.from_dict({"input_ids": cells, "length": lengths})
+    batches = _Cells(dataset, 64, 64, 1, torch.device("cpu"))
+    rows = np.arange(60)
+    fixed = np.concatenate([where for where, _ in batches.by_length(rows, 7)])
+    for chunk in (1, 25, 8192):
+        budgeted = list(batches.by_length(rows, 5, max_tokens=100, chunk=chunk))
+        np.testing.assert_array_equal(np.concatenate([where for where, _ in budgeted]), fixed)
+        for where, (ids, mask) in budgeted:
+            longest = int(lengths[where].max())
+            assert len(where) == min(5, max(100 // longest, 1)) or where is budgeted[-1][0]
+            assert ids.shape == (len(where), longest) and torch.equal(mask.sum(1), torch.as_tensor(lengths[where]))
+        sizes = [len(where) for where, _ in budgeted]
+        assert sizes[:3] == [1, 1, 1] and sizes[-3:-1] == [5, 5]  # 60, 59, 58 genes alone; short cells 5 a batch
+    assert [len(where) for where, _ in batches.by_length(rows, 5, max_tokens=2**62)] == [5] * 12  # no overflow

@@ -35,7 +35,7 @@ import torch
 import transformers
 from transformers import BertConfig, BertForMaskedLM
 
-from mixgf.classify import FinetuneConfig, finetune, inference_batch_size, split_cells
+from mixgf.classify import FinetuneConfig, finetune, split_cells
 from mixgf.model import PRESETS
 from mixgf.tokens import load_tokens
 from mixgf.vocab import default_vocab, load_vocab
@@ -138,8 +138,7 @@ def run_trainer(pretrained: Path, dataset, label: str, cfg: FinetuneConfig, voca
         args = TrainingArguments(
             output_dir=out, learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=cfg.warmup(steps),
             weight_decay=cfg.weight_decay, per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.eval_batch_size or inference_batch_size(model.device),
-            num_train_epochs=cfg.epochs, eval_strategy="epoch",
+            per_device_eval_batch_size=cfg.eval_batch_size, num_train_epochs=cfg.epochs, eval_strategy="epoch",
             save_strategy="no", logging_strategy="epoch", report_to="none", disable_tqdm=True, seed=cfg.seed,
             bf16=on_gpu and cfg.dtype == "bfloat16", max_grad_norm=cfg.grad_clip,
             train_sampling_strategy="group_by_length" if grouped else "random", length_column_name="length")
