@@ -34,12 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_finetune import benchmark_cells, checkpoint, ratio_table
+from bench_finetune import add_cell_arguments, benchmark_cells, checkpoint, ratio_table
 from torch.nn.utils.rnn import pad_sequence
 from transformers import BertForMaskedLM, BertModel
 
 from mixgf.embed import embed_cells
-from mixgf.model import PRESETS
 from mixgf.pooling import mean_pool
 from mixgf.vocab import GeneVocab
 
@@ -69,13 +68,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--layer", type=int, default=0, help="0: the last layer (mixgf embed), -1: the one before")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size (paper: 6 x 256)")
-    parser.add_argument("--tokens", help="a token dataset instead of synthetic cells")
-    parser.add_argument("--vocab", help="the vocabulary file of --tokens (default: the bundled 82,606-gene one)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    add_cell_arguments(parser, label=False)
     parser.add_argument("--masked-lm", action="store_true", help="add the BertForMaskedLM loop (slow)")
     args = parser.parse_args(argv)
     vocab, dataset, meta = benchmark_cells(args)

@@ -152,17 +152,23 @@ def run_trainer(pretrained: Path, dataset, label: str, cfg: FinetuneConfig, voca
     return cfg.epochs * len(train) / seconds
 
 
+def add_cell_arguments(parser: argparse.ArgumentParser, label: bool = True) -> None:
+    """The options :func:`benchmark_cells` and :func:`checkpoint` read (and ``--label``, where cells are classified)."""
+    parser.add_argument("--max-len", type=int, default=256)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size (paper: 6 x 256)")
+    parser.add_argument("--tokens", help="a token dataset instead of synthetic cells")
+    parser.add_argument("--vocab", help="the vocabulary file of --tokens (default: the bundled 82,606-gene one)")
+    if label:
+        parser.add_argument("--label", default="cell_type", help="the obs column of --tokens to classify")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size (paper: 6 x 256)")
-    parser.add_argument("--tokens", help="a labelled token dataset instead of synthetic cells")
-    parser.add_argument("--vocab", help="the vocabulary file of --tokens (default: the bundled 82,606-gene one)")
-    parser.add_argument("--label", default="cell_type")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    add_cell_arguments(parser)
     args = parser.parse_args(argv)
     vocab, dataset, meta = benchmark_cells(args)
     cfg = FinetuneConfig(epochs=args.epochs)

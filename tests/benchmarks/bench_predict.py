@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_finetune import benchmark_cells, checkpoint
+from bench_finetune import add_cell_arguments, benchmark_cells, checkpoint
 
 from mixgf.classify import FinetuneConfig, finetune, predict
-from mixgf.model import PRESETS
 
 
 def main(argv=None) -> None:
@@ -33,12 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-tokens", nargs="+", default=["1024", "2048", "4096", "8192", "none"])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model size (paper: 6 x 256)")
-    parser.add_argument("--tokens", help="a labelled token dataset instead of synthetic cells")
-    parser.add_argument("--vocab", help="the vocabulary file of --tokens (default: the bundled 82,606-gene one)")
-    parser.add_argument("--label", default="cell_type")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    add_cell_arguments(parser)
     args = parser.parse_args(argv)
     vocab, dataset, meta = benchmark_cells(args)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
