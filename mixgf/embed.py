@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mixgf.checkpoint import VOCAB_FILE, default_device, length_limit, read_config, token_column, warn_truncation
 from mixgf.classify import _autocast, _Cells, batch_tokens

@@ -30,7 +30,6 @@ batches run side by side in worker threads (:func:`mixgf.encoder.map_batches`).
 from __future__ import annotations
 
 import random
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
