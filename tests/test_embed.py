@@ -105,6 +105,8 @@ def test_cli_embeds_tokens_and_h5ad_with_rows_aligned(model_dir, cells, tmp_path
     small = ["--batch-size", "3", "--max-tokens", "40", "--out", str(tmp_path / "small.h5ad")]
     assert main(["embed", str(model_dir), str(h5ad), "--species", "human", *small]) == 0  # batches of 1-3 cells
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "small.h5ad").obsm["X_mixgf"], emb, rtol=0, atol=1e-6)
+    assert main(["embed", str(model_dir), str(tokens), "--max-tokens", "0", "--out", str(tmp_path / "no.h5ad")]) == 2
+    assert not (tmp_path / "no.h5ad").exists()  # the option reaches the batching, which refuses it
     assert np.delete(emb, 7, axis=0) == pytest.approx(from_tokens.obsm["X_mixgf"], abs=1e-6)  # the same batches
     assert main(["embed", str(model_dir), str(h5ad), "--out", str(tmp_path / "x.h5ad")]) == 2  # no --species
 
