@@ -233,7 +233,8 @@ def test_predict_cli_writes_csv_and_scores(classifier, pbmc, tmp_path, capsys):
     assert low < accuracy < high and scores["macro_f1"]["ci95"][0] < scores["macro_f1"]["estimate"]
     assert f"accuracy {accuracy:.4f}" in capsys.readouterr().out
     refused = ["--max-tokens", "0", "--out", str(tmp_path / "no.csv")]
-    assert main(["predict", str(classifier.out_dir), str(pbmc[0]), *refused]) == 2 and not (tmp_path / "no.csv").exists()
+    assert main(["predict", str(classifier.out_dir), str(pbmc[0]), *refused]) == 2
+    assert not (tmp_path / "no.csv").exists()
 
 
 def test_vocabulary_mismatch_is_a_clear_error(classifier, pretrained, pbmc, tmp_path):
